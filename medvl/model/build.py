@@ -1,0 +1,263 @@
+"""Build, save and load medvl models: a stock `LlavaForConditionalGeneration` (vision encoder ->
+2-layer GELU MLP projector -> causal LM) with its `LlavaProcessor`.
+
+Two ways in: a preset from configs with random weights (`tiny`, for tests and the quickstart), or
+pretrained parts (`vision=<hub id or folder>`, `llm=<hub id or folder>`). A saved model is a plain
+Hugging Face folder (safetensors, config, tokenizer, processor with the chat template) that stock
+transformers loads without medvl.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoProcessor,
+    AutoTokenizer,
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PretrainedConfig,
+    PreTrainedModel,
+    SiglipVisionModel,
+)
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+from medvl.model.tokenizer import CHAT_TEMPLATE, IMAGE_TOKEN, add_medvl_tokens
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+
+class PresetSpec(BaseModel):
+    """A model recipe. Either `vision`/`llm` name pretrained parts, or `vision_config`/`llm_config`
+    describe randomly initialised ones (the tokenizer is then trained locally)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    description: str = ""
+    vision: str | None = None
+    llm: str | None = None
+    vision_config: dict[str, Any] | None = None
+    llm_config: dict[str, Any] | None = None
+    tokenizer_vocab_size: int = 2048
+    image_size: int | None = None
+    vision_feature_layer: int = -2
+    vision_feature_select_strategy: Literal["default", "full"] = "default"
+    trust_remote_code: bool = False
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name_or_path: str) -> PresetSpec:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"unknown preset {name_or_path!r}; available: {', '.join(list_presets())}")
+    return PresetSpec(**yaml.safe_load(path.read_text()))
+
+
+@dataclass
+class VLM:
+    """A model with its processor: everything needed to train, generate and save."""
+
+    model: LlavaForConditionalGeneration
+    processor: LlavaProcessor
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    def save(self, folder: str | Path) -> None:
+        save(self.model, self.processor, folder)
+
+
+def _num_additional_tokens(vision_config: PretrainedConfig, strategy: str) -> int:
+    # CLIP prepends a CLS token; "default" drops it again, so the processor must count it
+    # (transformers: num_additional_image_tokens=1). SigLIP has no CLS token.
+    has_cls = vision_config.model_type.startswith("clip")
+    return 1 if has_cls else 0
+
+
+def make_processor(image_processor, tokenizer, vision_config: PretrainedConfig, strategy: str) -> LlavaProcessor:
+    tokenizer.padding_side = "left"  # decoder-only batched generation pads on the left
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision_config.patch_size,
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=_num_additional_tokens(vision_config, strategy),
+        image_token=IMAGE_TOKEN,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def _llava_config(vision_config, text_config, tokenizer, layer: int, strategy: str) -> LlavaConfig:
+    n_patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    return LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        projector_hidden_act="gelu",
+        vision_feature_layer=layer,
+        vision_feature_select_strategy=strategy,
+        image_seq_length=n_patches + (1 if strategy == "full" and vision_config.model_type.startswith("clip") else 0),
+        tie_word_embeddings=getattr(text_config, "tie_word_embeddings", False),
+    )
+
+
+def build_from_configs(spec: PresetSpec, tokenizer, seed: int = 0) -> VLM:
+    """Random weights from config dicts: the `tiny` preset. `tokenizer` comes from
+    :func:`medvl.model.tokenizer.train_tokenizer`."""
+    if spec.vision_config is None or spec.llm_config is None:
+        raise ValueError(f"preset {spec.name!r} names pretrained parts; use build_from_parts")
+    torch.manual_seed(seed)
+    vcfg = AutoConfig.for_model(**spec.vision_config)
+    tcfg = AutoConfig.for_model(
+        **spec.llm_config,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    config = _llava_config(vcfg, tcfg, tokenizer, spec.vision_feature_layer, spec.vision_feature_select_strategy)
+    model = LlavaForConditionalGeneration(config)
+    image_processor = _square_image_processor(vcfg.image_size)
+    processor = make_processor(image_processor, tokenizer, vcfg, spec.vision_feature_select_strategy)
+    _set_generation_defaults(model, tokenizer)
+    return VLM(model.eval(), processor)
+
+
+def _square_image_processor(size: int) -> CLIPImageProcessorPil:
+    # Medical images keep their whole field of view: resize to a square, no centre crop.
+    return CLIPImageProcessorPil(
+        size={"height": size, "width": size}, do_center_crop=False, crop_size={"height": size, "width": size}
+    )
+
+
+_VISION_CLASSES = {
+    "clip": CLIPVisionModel,
+    "clip_vision_model": CLIPVisionModel,
+    "siglip": SiglipVisionModel,
+    "siglip_vision_model": SiglipVisionModel,
+}
+
+
+def load_vision_tower(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedModel:
+    """A vision encoder from a hub id or folder. Full CLIP/SigLIP checkpoints (text + vision) give
+    their vision half; any other transformers vision model loads through AutoModel."""
+    cfg = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    cls = _VISION_CLASSES.get(cfg.model_type)
+    if cls is not None:
+        return cls.from_pretrained(name_or_path)
+    return AutoModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+
+
+def build_from_parts(
+    vision: str,
+    llm: str,
+    *,
+    vision_feature_layer: int = -2,
+    vision_feature_select_strategy: str = "default",
+    image_size: int | None = None,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> VLM:
+    """Assemble a model from a pretrained vision encoder and a pretrained causal LM (hub ids or
+    folders): their weights go into the sub-modules, the projector starts random, the tokenizer gains
+    `<image>` and the ChatML markers, and the embeddings are resized to match."""
+    vision_model = load_vision_tower(vision, trust_remote_code)
+    if image_size is not None and image_size != vision_model.config.image_size:
+        raise ValueError(
+            f"vision tower {vision!r} is trained at {vision_model.config.image_size}px, preset asks for "
+            f"{image_size}px; position-embedding interpolation is a training option, not a build option"
+        )
+    llm_model = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(llm, trust_remote_code=trust_remote_code)
+    add_medvl_tokens(tokenizer)
+    vcfg = vision_model.config
+    config = _llava_config(
+        vcfg, llm_model.config, tokenizer, vision_feature_layer, vision_feature_select_strategy
+    )
+    # Build the shell on the meta device and move the loaded parts in, so a 7B model is never held
+    # twice in memory.
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower = vision_model.to(dtype)
+    model.model.language_model = llm_model.model
+    model.lm_head = llm_model.lm_head
+    model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(dtype)
+    model.config.text_config = llm_model.config
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(vision)
+    except OSError:
+        image_processor = _square_image_processor(vcfg.image_size)
+    processor = make_processor(image_processor, tokenizer, vcfg, vision_feature_select_strategy)
+    _set_generation_defaults(model, tokenizer)
+    return VLM(model.eval(), processor)
+
+
+def build_preset(name: str, tokenizer=None, seed: int = 0) -> VLM:
+    spec = load_preset(name)
+    if spec.vision and spec.llm:
+        return build_from_parts(
+            spec.vision,
+            spec.llm,
+            vision_feature_layer=spec.vision_feature_layer,
+            vision_feature_select_strategy=spec.vision_feature_select_strategy,
+            image_size=spec.image_size,
+            trust_remote_code=spec.trust_remote_code,
+        )
+    if tokenizer is None:
+        raise ValueError(f"preset {name!r} trains its tokenizer locally: pass one (see train_tokenizer)")
+    return build_from_configs(spec, tokenizer, seed=seed)
+
+
+def _set_generation_defaults(model: PreTrainedModel, tokenizer) -> None:
+    gc = model.generation_config
+    gc.eos_token_id = tokenizer.eos_token_id
+    gc.pad_token_id = tokenizer.pad_token_id
+    gc.bos_token_id = None
+    gc.do_sample = False
+
+
+def save(model: PreTrainedModel, processor: LlavaProcessor, folder: str | Path) -> None:
+    """Plain Hugging Face folder, weights as safetensors only."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+
+
+def load(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None) -> VLM:
+    """Load a medvl (= stock LLaVA) folder. safetensors only, no remote code."""
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder}: not a model folder (config.json missing)")
+    if list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
+        raise ValueError(f"{folder}: pickle weight files (.bin/.pt) are refused; medvl loads safetensors only")
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+    processor = AutoProcessor.from_pretrained(folder)
+    processor.tokenizer.padding_side = "left"
+    if device:
+        model.to(device)
+    return VLM(model.eval(), processor)
