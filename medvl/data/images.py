@@ -1,26 +1,113 @@
-"""Reading an image a user hands us (a path or bytes) into an RGB PIL image, with limits."""
+"""Reading an image a user hands us (a path or bytes) into an RGB PIL image, with limits.
+
+PNG, JPEG (any format PIL reads) and DICOM. A DICOM file is windowed the way a radiologist's viewer
+opens it: the file's own window centre/width when it has one, else a default for its modality (a
+soft-tissue window for CT, a 1st-99th percentile stretch for everything else), MONOCHROME1 inverted
+so that bone is bright, the middle frame of a multi-frame series, colour ultrasound kept in colour.
+"""
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 # Decompression bombs: refuse images above this many pixels before decoding them.
 MAX_PIXELS = 64_000_000
+# Refuse files above this many bytes before reading them into memory.
+MAX_BYTES = 256 * 1024 * 1024
+# (centre, width) in Hounsfield units: the soft-tissue window, for CT files that carry none.
+CT_DEFAULT_WINDOW = (40.0, 400.0)
 
 
-def load_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """PNG or JPEG (any format PIL reads) from a path or bytes, as RGB.
-    Raises ValueError naming the source and the problem."""
+def load_image(
+    source: str | Path | bytes,
+    max_pixels: int = MAX_PIXELS,
+    max_bytes: int = MAX_BYTES,
+    formats: tuple[str, ...] | None = None,
+) -> Image.Image:
+    """An RGB image from a path or bytes: DICOM (detected by its `DICM` magic) or any format PIL
+    reads (only `formats`, e.g. ("PNG", "JPEG"), when given: the server narrows what untrusted
+    bytes may exercise). Raises ValueError naming the source and the problem."""
     name = "<bytes>" if isinstance(source, bytes) else str(source)
+    size = len(source) if isinstance(source, bytes) else Path(source).stat().st_size
+    if size > max_bytes:
+        raise ValueError(f"{name}: {size} bytes, above the {max_bytes}-byte limit")
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    if is_dicom(data):
+        return _load_dicom(data, name, max_pixels)
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=formats) as im:
             if im.width * im.height > max_pixels:
                 raise ValueError(f"{name}: image is {im.width}x{im.height}, above the {max_pixels}-pixel limit")
             im.load()
             return im.convert("RGB")
     except (OSError, Image.DecompressionBombError) as e:
         raise ValueError(f"{name}: not a readable image ({e})") from e
+
+
+def is_dicom(data: bytes) -> bool:
+    """A DICOM Part 10 file: 128-byte preamble then `DICM`."""
+    return data[128:132] == b"DICM"
+
+
+def _load_dicom(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    import pydicom
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    except Exception as e:  # pydicom raises many types on malformed input; all mean "not DICOM"
+        raise ValueError(f"{name}: not a readable DICOM file ({e})") from e
+    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if rows * cols == 0:
+        raise ValueError(f"{name}: DICOM file has no image (Rows/Columns missing)")
+    # Only one frame is decoded, so the limit is on a frame's pixels.
+    if rows * cols > max_pixels:
+        raise ValueError(f"{name}: DICOM image is {cols}x{rows}, above the {max_pixels}-pixel limit")
+    try:
+        # Decode only the middle frame; colour is converted to RGB (YBR_* included) by pydicom.
+        arr = pixel_array(io.BytesIO(data), index=frames // 2 if frames > 1 else None)
+    except Exception as e:  # missing decoder plugin, truncated pixel data, bad header values
+        raise ValueError(f"{name}: cannot decode DICOM pixel data ({type(e).__name__}: {e})") from e
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if photometric == "PALETTE COLOR":
+        arr = apply_color_lut(arr, ds)
+    if arr.ndim == 3:  # colour (ultrasound, photographs): kept as is, only brought to 8 bits
+        top = np.iinfo(arr.dtype).max if arr.dtype.kind in "ui" else 1.0
+        return Image.fromarray(_to_uint8(arr.astype(np.float64), 0, top)).convert("RGB")
+    values = apply_modality_lut(arr, ds).astype(np.float64)  # rescale slope/intercept -> e.g. HU
+    window = _window(ds)
+    if window is not None:
+        centre, width = window
+        lo, hi = centre - width / 2, centre + width / 2
+    elif str(ds.get("Modality", "")) == "CT":
+        centre, width = CT_DEFAULT_WINDOW
+        lo, hi = centre - width / 2, centre + width / 2
+    else:
+        lo, hi = np.percentile(values, [1, 99])
+    gray = _to_uint8(values, lo, hi)
+    if photometric == "MONOCHROME1":  # low values are white in MONOCHROME1
+        gray = 255 - gray
+    return Image.fromarray(gray).convert("RGB")
+
+
+def _window(ds) -> tuple[float, float] | None:
+    """The file's window (centre, width), the first one when it lists several; None if absent."""
+    from pydicom.multival import MultiValue
+
+    centre, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if centre is None or width is None:
+        return None
+    centre = float(centre[0] if isinstance(centre, MultiValue) else centre)
+    width = float(width[0] if isinstance(width, MultiValue) else width)
+    return (centre, width) if width > 0 else None
+
+
+def _to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Linear map of [lo, hi] onto 0-255, clipped."""
+    scaled = (values - lo) / max(hi - lo, 1e-6) * 255.0
+    return np.clip(scaled, 0, 255).astype(np.uint8)

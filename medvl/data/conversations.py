@@ -1,0 +1,159 @@
+"""LLaVA-style conversation data -> token ids, loss labels and pixel values.
+
+The input format is the one the ecosystem already uses (LLaVA, XTuner, ShareGPT4V):
+`{"id", "image": path | [paths] (optional), "conversations": [{"from": "human"|"gpt"|"system",
+"value": "...<image>..."}]}` in a JSON list or JSONL file. The prompt is rendered by the model's own
+chat template, so training sees exactly what inference builds; the loss covers assistant tokens only
+(the template's `{% generation %}` span, which includes the end-of-turn token).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from medvl.model.build import VLM
+from medvl.model.tokenizer import IMAGE_TOKEN
+
+IGNORE = -100
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def read_records(path: Path) -> list[dict]:
+    """A JSON list or JSONL file of samples; errors name the file and the line."""
+    text = Path(path).read_text(encoding="utf-8")
+    if Path(path).suffix == ".jsonl":
+        rows = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        return rows
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of samples")
+    return rows
+
+
+@dataclass
+class Sample:
+    id: str
+    input_ids: list[int]  # image tokens already expanded
+    labels: list[int]
+    images: list[Path]
+
+
+def to_messages(record: dict, where: str) -> list[dict]:
+    convs = record.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        raise ValueError(f"{where}: field 'conversations' must be a non-empty list")
+    messages = []
+    for j, turn in enumerate(convs):
+        role = ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
+        if role is None or not isinstance(turn.get("value"), str):
+            raise ValueError(f"{where}: conversations[{j}] needs 'from' (human/gpt/system) and a string 'value'")
+        messages.append({"role": role, "content": turn["value"]})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"{where}: no 'gpt' turn, nothing to learn from")
+    return messages
+
+
+def tokenize(vlm: VLM, record: dict, image_root: Path, max_length: int, where: str) -> Sample:
+    """One record -> a Sample. Raises ValueError naming `where` (file and sample id) on bad input."""
+    sid = str(record.get("id", "?"))
+    where = f"{where} (sample id {sid})"
+    images = record.get("image") or []
+    images = [images] if isinstance(images, str) else list(images)
+    messages = to_messages(record, where)
+    n_placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
+    if n_placeholders == 0 and images:
+        # LLaVA convention: an image sample without a placeholder gets it before the first question.
+        first_user = next(m for m in messages if m["role"] == "user")
+        first_user["content"] = f"{IMAGE_TOKEN}\n" + first_user["content"]
+        n_placeholders = len(images) if len(images) == 1 else 0
+    if n_placeholders != len(images):
+        raise ValueError(f"{where}: {n_placeholders} '<image>' placeholders but {len(images)} images")
+    paths = [image_root / p for p in images]
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"{where}: image file not found: {p}")
+
+    enc = vlm.tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    image_id = vlm.model.config.image_token_id
+    n_img = vlm.model.config.image_seq_length
+    ids: list[int] = []
+    labels: list[int] = []
+    for tok, is_answer in zip(enc["input_ids"], enc["assistant_masks"]):
+        if tok == image_id:
+            ids.extend([image_id] * n_img)
+            labels.extend([IGNORE] * n_img)
+        else:
+            ids.append(tok)
+            labels.append(tok if is_answer else IGNORE)
+    if len(ids) > max_length:
+        raise ValueError(f"{where}: {len(ids)} tokens (with image tokens) exceed max_length={max_length}")
+    return Sample(sid, ids, labels, paths)
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """Tokenized up front (lengths are needed for batching); images are read when a batch is built."""
+
+    def __init__(self, vlm: VLM, sources: list[tuple[Path, Path | None]], max_length: int) -> None:
+        self.vlm = vlm
+        self.samples: list[Sample] = []
+        for path, image_root in sources:
+            root = Path(image_root) if image_root else Path(path).parent
+            for i, rec in enumerate(read_records(path)):
+                self.samples.append(tokenize(vlm, rec, root, max_length, f"{path}[{i}]"))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def lengths(self) -> list[int]:
+        return [len(s.input_ids) for s in self.samples]
+
+    def __getitem__(self, i: int) -> tuple[Sample, list[Image.Image]]:
+        s = self.samples[i]
+        images = []
+        for p in s.images:
+            try:
+                with Image.open(p) as im:
+                    images.append(im.convert("RGB"))
+            except (OSError, ValueError) as e:
+                raise ValueError(f"sample id {s.id}: image {p} is unreadable ({e})") from e
+        return s, images
+
+
+class Collator:
+    """Right-padded batch; pixel values of every image, in the order their tokens appear."""
+
+    def __init__(self, vlm: VLM) -> None:
+        self.image_processor = vlm.processor.image_processor
+        self.pad_id = vlm.tokenizer.pad_token_id
+
+    def __call__(self, batch: list[tuple[Sample, list[Image.Image]]]) -> dict[str, torch.Tensor]:
+        width = max(len(s.input_ids) for s, _ in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, (s, _) in enumerate(batch):
+            n = len(s.input_ids)
+            ids[i, :n] = torch.tensor(s.input_ids)
+            labels[i, :n] = torch.tensor(s.labels)
+            mask[i, :n] = 1
+        out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        images = [im for _, ims in batch for im in ims]
+        if images:
+            out["pixel_values"] = self.image_processor(images, return_tensors="pt")["pixel_values"]
+        return out

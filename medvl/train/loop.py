@@ -1,0 +1,307 @@
+"""The training loop: one stage of the recipe, explicit, on accelerate.
+
+DDP, FSDP and DeepSpeed come from `accelerate launch --config_file ...`; nothing here changes.
+The loss is summed over assistant tokens and divided by the number of such tokens in the whole
+global batch (every micro-batch on every rank), so a step means the same thing at any
+micro-batch size, accumulation or world size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from medvl.data.conversations import IGNORE, Collator, ConversationDataset
+from medvl.model.build import VLM, load
+from medvl.train.config import StageConfig
+
+CKPT_PREFIX = "step-"
+
+
+# ---------------------------------------------------------------- data order
+
+class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Yields this rank's micro-batches, a deterministic function of (seed, epoch, step), so a
+    resumed run sees exactly the batches the uninterrupted run would have seen.
+
+    Each global batch of `global_bs` samples is cut into `accum * world` micro-batches; micro-batch
+    j of the window goes to rank j % world.
+    """
+
+    def __init__(self, n: int, global_bs: int, micro_bs: int, world: int, rank: int, seed: int,
+                 total_steps: int, start_step: int = 0) -> None:
+        if n < global_bs:
+            raise ValueError(f"the data has {n} samples, fewer than one global batch of {global_bs}")
+        self.n, self.global_bs, self.micro_bs = n, global_bs, micro_bs
+        self.world, self.rank, self.seed = world, rank, seed
+        self.total_steps, self.start_step = total_steps, start_step
+        self.steps_per_epoch = n // global_bs  # drop the ragged tail: every step is a full batch
+
+    @property
+    def accum(self) -> int:
+        return self.global_bs // (self.micro_bs * self.world)
+
+    def global_batches(self, step: int) -> list[int]:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        return perm[k * self.global_bs : (k + 1) * self.global_bs]
+
+    def __iter__(self):
+        for step in range(self.start_step, self.total_steps):
+            batch = self.global_batches(step)
+            micro = [batch[i : i + self.micro_bs] for i in range(0, len(batch), self.micro_bs)]
+            yield from micro[self.rank :: self.world]
+
+    def __len__(self) -> int:
+        return (self.total_steps - self.start_step) * self.accum
+
+
+# ---------------------------------------------------------------- pieces
+
+def apply_freeze(model, cfg: StageConfig) -> dict[str, int]:
+    """Table 8: set requires_grad per component; returns trainable parameter counts."""
+    parts = {
+        "vision": [model.model.vision_tower],
+        "projector": [model.model.multi_modal_projector],
+        "llm": [model.model.language_model, model.lm_head],
+    }
+    counts = {}
+    for name, modules in parts.items():
+        frozen = getattr(cfg.freeze, name)
+        n = 0
+        for m in modules:
+            for p in m.parameters():
+                p.requires_grad_(not frozen)
+                n += p.numel() * (not frozen)
+        counts[name] = n
+    return counts
+
+
+def lr_lambda(cfg: StageConfig, total_steps: int):
+    warmup = int(cfg.warmup_ratio * total_steps)
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """Dense matmul peak for MFU: known datacenter GPUs by name, else measured here (CPU)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "A10": 125, "4090": 165}.items():
+            if key in name:
+                return tflops * 1e12
+    return measure_matmul_flops(device, dtype)
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, reps: int = 4) -> float:
+    """Best of three timings of `reps` square matmuls: the attainable peak on this machine."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    best = 0.0
+    for _ in range(3):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t))
+    return best
+
+
+def flops_per_step(model, n_text_tokens: int, n_images: int) -> float:
+    """Matmul FLOPs of one forward + backward: 2 per parameter per token forward, 2 more for the
+    activation gradients where a gradient flows through, 2 more for weight gradients where the weights
+    train (frozen parts skip them). The LM (embedding lookups excluded) runs over every token, the
+    vision tower over its patches of every image."""
+    vt = model.model.vision_tower
+    llm = model.model.language_model
+    n_vision = sum(p.numel() for p in vt.parameters())
+    n_llm = sum(p.numel() for p in llm.parameters()) - llm.get_input_embeddings().weight.numel()
+    n_llm += model.lm_head.weight.numel()
+    vision_trains = any(p.requires_grad for p in vt.parameters())
+    llm_trains = model.lm_head.weight.requires_grad
+    llm_factor = 2 + 2 + 2 * llm_trains  # something upstream of the LM always trains
+    vision_factor = 2 + 4 * vision_trains
+    patches = (vt.config.image_size // vt.config.patch_size) ** 2 + 1
+    return n_llm * n_text_tokens * llm_factor + n_vision * patches * n_images * vision_factor
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over labelled positions."""
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shift_labels = labels[:, 1:].reshape(-1)
+    return torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE, reduction="sum")
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """Only fully written checkpoints count: they are written under a temporary name and renamed."""
+    ckpts = sorted((output_dir / "checkpoints").glob(f"{CKPT_PREFIX}*"), key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+    ckpts = [p for p in ckpts if (p / "trainer_state.json").exists()]
+    return ckpts[-1] if ckpts else None
+
+
+def save_checkpoint(accelerator: Accelerator, cfg: StageConfig, step: int, scheduler, history: list[dict]) -> None:
+    root = cfg.output_dir / "checkpoints"
+    final = root / f"{CKPT_PREFIX}{step:08d}"
+    tmp = root / f".tmp-{CKPT_PREFIX}{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    # model (safetensors), optimizer and RNG states; accelerate reloads them with weights_only=True
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        state = {"step": step, "scheduler": scheduler.state_dict(), "history": history}
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        tmp.rename(final)  # atomic: a checkpoint either exists whole or not at all
+        done = sorted(p for p in root.glob(f"{CKPT_PREFIX}*"))
+        for old in done[: -cfg.keep_checkpoints]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+# ---------------------------------------------------------------- the loop
+
+def train_stage(cfg: StageConfig, resume: bool = False, stop_after: int | None = None) -> Path:
+    """Run one stage; returns the folder of the final model (`<output_dir>/final`).
+    `stop_after` ends the run early after that many steps (for tests of resume)."""
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
+    world = PartialState().num_processes
+    if cfg.global_batch_size % (cfg.micro_batch_size * world):
+        raise ValueError(
+            f"global_batch_size {cfg.global_batch_size} is not a multiple of "
+            f"micro_batch_size {cfg.micro_batch_size} x {world} processes"
+        )
+    accum = cfg.global_batch_size // (cfg.micro_batch_size * world)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=accum,
+        mixed_precision="bf16" if use_bf16 else "no",
+        log_with="tensorboard",
+        project_dir=str(cfg.output_dir),
+    )
+    set_seed(cfg.seed)
+    vlm: VLM = load(cfg.model)
+    model = vlm.model
+    model.config.use_cache = False
+    model.config.text_config.use_cache = False
+    if cfg.image_size and cfg.image_size != model.config.vision_config.image_size:
+        raise ValueError(
+            f"image_size {cfg.image_size} differs from the vision tower's {model.config.vision_config.image_size}"
+        )
+    counts = apply_freeze(model, cfg)
+
+    dataset = ConversationDataset(vlm, [(d.path, d.image_root) for d in cfg.data], cfg.max_length)
+    steps_per_epoch = len(dataset) // cfg.global_batch_size
+    total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    start_step, history = 0, []
+    ckpt = latest_checkpoint(cfg.output_dir) if resume else None
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        start_step, history = state["step"], state["history"]
+        scheduler.load_state_dict(state["scheduler"])
+        accelerator.print(f"resumed from {ckpt} at step {start_step}")
+
+    sampler = GlobalBatchSampler(
+        len(dataset), cfg.global_batch_size, cfg.micro_batch_size, accelerator.num_processes,
+        accelerator.process_index, cfg.seed, total_steps, start_step,
+    )
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator(vlm), num_workers=cfg.num_workers)
+
+    accelerator.init_trackers(cfg.stage.split(":")[0].strip().replace(" ", "_") or "stage")
+    peak = cfg.peak_flops or peak_flops(accelerator.device, torch.bfloat16 if use_bf16 else torch.float32)
+    accelerator.print(
+        f"[{cfg.stage}] {len(dataset)} samples, {total_steps} steps of {cfg.global_batch_size} "
+        f"({cfg.micro_batch_size} x {accum} accumulation x {accelerator.num_processes} processes); "
+        f"trainable: {counts}"
+    )
+    model.train()
+    bar = tqdm(total=total_steps, initial=start_step, disable=not accelerator.is_main_process, desc=cfg.stage)
+    it = iter(loader)
+    window = {"loss": 0.0, "tokens": 0, "flops": 0.0, "steps": 0, "t": time.perf_counter()}
+    end = min(total_steps, start_step + stop_after) if stop_after else total_steps
+    for step in range(start_step, end):
+        micro = [next(it) for _ in range(accum)]
+        n_label = torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro),
+                               device=accelerator.device)
+        n_label = accelerator.reduce(n_label, "sum").clamp(min=1)
+        step_loss = torch.zeros((), device=accelerator.device)
+        for b in micro:
+            b = {k: v.to(accelerator.device) for k, v in b.items()}
+            with accelerator.accumulate(model):
+                logits = model(
+                    input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b.get("pixel_values")
+                ).logits
+                loss_sum = token_loss_sum(logits, b["labels"])
+                # accelerate divides by `accum` and DDP averages over ranks: undo both, so the
+                # gradient is that of (sum over the global batch) / (its label tokens).
+                accelerator.backward(loss_sum * accelerator.num_processes * accum / n_label)
+                if accelerator.sync_gradients and cfg.grad_clip:
+                    accelerator.clip_grad_norm_(params, cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += loss_sum.detach()
+            window["tokens"] += int(b["attention_mask"].sum())
+            n_img = 0 if "pixel_values" not in b else b["pixel_values"].shape[0]
+            window["flops"] += flops_per_step(accelerator.unwrap_model(model), int(b["attention_mask"].sum()), n_img)
+        scheduler.step()
+        loss = (accelerator.reduce(step_loss, "sum") / n_label).item()
+        lr = scheduler.get_last_lr()[0]
+        history.append({"step": step + 1, "loss": loss, "lr": lr})
+        window["loss"] += loss
+        window["steps"] += 1
+        bar.update(1)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == end:
+            dt = time.perf_counter() - window["t"]
+            tok_s = window["tokens"] * accelerator.num_processes / dt
+            mfu = window["flops"] / dt / peak
+            metrics = {"loss": window["loss"] / window["steps"], "lr": lr, "tokens_per_s": tok_s, "mfu": mfu}
+            accelerator.log(metrics, step=step + 1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}", mfu=f"{mfu:.1%}")
+            window = {"loss": 0.0, "tokens": 0, "flops": 0.0, "steps": 0, "t": time.perf_counter()}
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
+            save_checkpoint(accelerator, cfg, step + 1, scheduler, history)
+    bar.close()
+    accelerator.end_training()
+
+    final = cfg.output_dir / "final"
+    if end == total_steps:
+        accelerator.wait_for_everyone()
+        state_dict = accelerator.get_state_dict(model)
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(model)
+            unwrapped.config.use_cache = True
+            unwrapped.config.text_config.use_cache = True
+            unwrapped.save_pretrained(final, state_dict=state_dict, safe_serialization=True)
+            vlm.processor.save_pretrained(final)
+            (cfg.output_dir / "history.json").write_text(json.dumps(history))
+    elif accelerator.is_main_process:
+        (cfg.output_dir / "history.json").write_text(json.dumps(history))
+    return final
