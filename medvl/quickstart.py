@@ -1,8 +1,169 @@
+"""`medvl quickstart`: the whole pipeline on embedded synthetic data, on a CPU, in minutes.
+
+synthesize data -> instructions -> pretrain the tiny parts -> assemble from parts -> stages I, II,
+III -> evaluate stage I and stage III on a held-out multiple-choice benchmark (five OmniMedVQA
+question types) -> report (Markdown, JSON, loss plot) -> how to chat with the result.
+"""
+
 from __future__ import annotations
 
-from medvl._stub import not_yet
+import json
+import time
+from pathlib import Path
+
+import typer
+
+from medvl import RESEARCH_ONLY
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "quickstart"
+
+# Sizes for the default run (about 10 minutes on 2 CPU cores); `--small` is the test configuration.
+SIZES = {
+    "default": dict(n_train=2400, n_bench=400, llm_steps=400, vision_steps=400, stage_steps=(60, 60, 240)),
+    "small": dict(n_train=64, n_bench=24, llm_steps=20, vision_steps=20, stage_steps=(2, 2, 4)),
+}
 
 
-def quickstart() -> None:
-    """Run the whole pipeline on embedded synthetic data. [being built]"""
-    not_yet("quickstart", "issue 2")
+def run_quickstart(out: Path, size: str = "default", seed: int = 0, log=print) -> dict:
+    from medvl.eval import evaluate
+    from medvl.model.build import build_from_parts, load_preset
+    from medvl.model.tokenizer import train_tokenizer
+    from medvl.synth.dataset import read_records
+    from medvl.synth.templates import build_quickstart_data
+    from medvl.train.config import load_config
+    from medvl.train.loop import train_stage
+    from medvl.train.pretrain import pretrain_llm, pretrain_vision
+
+    sz = SIZES[size]
+    out = Path(out)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        timings[name] = round(time.perf_counter() - t, 1)
+        log(f"[{name}] done in {timings[name]:.0f}s")
+        t = time.perf_counter()
+
+    log("1/7 synthesizing labelled images and template instructions")
+    paths = build_quickstart_data(out / "data", sz["n_train"], sz["n_bench"], seed=seed)
+    lap("synthesize")
+
+    log("2/7 training the tokenizer and pretraining the tiny language model on the generated text")
+    spec = load_preset("tiny")
+    corpus = Path(paths["corpus"]).read_text(encoding="utf-8").splitlines()
+    tokenizer = train_tokenizer(corpus, spec.tokenizer_vocab_size)
+    llm_losses = pretrain_llm(spec, tokenizer, corpus, out / "parts" / "llm", steps=sz["llm_steps"], seed=seed, log=log)
+    lap("pretrain_llm")
+
+    log("3/7 pretraining the tiny vision tower on the image labels")
+    records = read_records(Path(paths["records"]))
+    vision_losses = pretrain_vision(
+        spec, records, out / "data", out / "parts" / "vision", steps=sz["vision_steps"], seed=seed, log=log
+    )
+    lap("pretrain_vision")
+
+    log("4/7 assembling the model from the pretrained parts (the path real weights take)")
+    vlm = build_from_parts(
+        str(out / "parts" / "vision"),
+        str(out / "parts" / "llm"),
+        vision_feature_layer=spec.vision_feature_layer,
+        vision_feature_select_strategy=spec.vision_feature_select_strategy,
+    )
+    vlm.save(out / "base")
+    lap("assemble")
+
+    log("5/7 training stages I, II, III")
+    finals, histories = [], {}
+    model = out / "base"
+    for i, steps in enumerate(sz["stage_steps"], 1):
+        cfg = load_config(CONFIG_DIR / f"stage{i}.yaml", base_dir=out, max_steps=steps)
+        cfg.model = model
+        final = train_stage(cfg)
+        histories[cfg.stage] = json.loads((cfg.output_dir / "history.json").read_text())
+        finals.append(final)
+        model = final
+        lap(f"stage{i}")
+
+    log("6/7 evaluating stage I and stage III on the held-out multiple-choice benchmark")
+    results = {}
+    for name, folder in (("after stage I", finals[0]), ("after stage III", finals[2])):
+        results[name] = evaluate(str(folder), "mc", Path(paths["bench_tsv"]), out / "eval" / name.split()[-1])
+    lap("evaluate")
+
+    log("7/7 writing the report")
+    report = make_report(out, results, histories, {"llm": llm_losses, "vision": vision_losses}, timings)
+    return report
+
+
+def make_report(out: Path, results: dict, histories: dict, pretrain: dict, timings: dict) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for name, losses in pretrain.items():
+        axes[0].plot(range(1, len(losses) + 1), losses, label=f"{name} pretraining")
+    axes[0].set(title="Pretraining the tiny parts", xlabel="step", ylabel="loss")
+    offset = 0
+    for stage, hist in histories.items():
+        steps = [offset + h["step"] for h in hist]
+        axes[1].plot(steps, [h["loss"] for h in hist], label=stage)
+        offset = steps[-1] if steps else offset
+    axes[1].set(title="Stages I-III (assistant-token loss)", xlabel="step (cumulative)", ylabel="loss")
+    for ax in axes:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=110)
+    plt.close(fig)
+
+    final, first = results["after stage III"], results["after stage I"]
+    cats = list(final["categories"])
+    checks = {
+        "overall accuracy >= 2x random guess": final["overall"]["accuracy"] >= 2 * final["overall"]["chance"],
+        "modality recognition >= 90%": final["categories"].get("Modality Recognition", {}).get("accuracy", 0) >= 0.9,
+        "stage III beats stage I": final["overall"]["accuracy"] > first["overall"]["accuracy"],
+    }
+    lines = [
+        "# medvl quickstart report",
+        "",
+        f"> {RESEARCH_ONLY} These numbers measure a 4M-parameter model on *synthetic* images with",
+        "> template questions; they say the pipeline works, not that a model is clinically useful.",
+        "",
+        "Held-out synthetic multiple-choice benchmark, grouped by the five OmniMedVQA question types.",
+        "Random guess = expected accuracy of picking an option uniformly at random.",
+        "",
+        "| question type | n | random guess | after stage I | after stage III |",
+        "|---|---|---|---|---|",
+    ]
+    for c in [*cats, "overall"]:
+        f = final["overall"] if c == "overall" else final["categories"][c]
+        s = first["overall"] if c == "overall" else first["categories"].get(c, {"accuracy": float("nan")})
+        name = f"**{c}**" if c == "overall" else c
+        lines.append(f"| {name} | {f['n']} | {f['chance']:.1%} | {s['accuracy']:.1%} | {f['accuracy']:.1%} |")
+    lines += ["", "## Checks", ""]
+    lines += [f"- [{'x' if ok else ' '}] {name}" for name, ok in checks.items()]
+    lines += ["", "## Loss curves", "", "![loss curves](loss_curves.png)", "", "## Time per step (s)", ""]
+    lines += [f"- {k}: {v}" for k, v in timings.items()]
+    lines += ["", f"Total: {sum(timings.values()):.0f}s", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    report = {"results": results, "checks": checks, "timings_s": timings, "model": str(out / "stage3" / "final")}
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def quickstart(
+    out: Path = typer.Option(Path("runs/quickstart"), help="Folder for data, parts, checkpoints and report."),
+    size: str = typer.Option("default", help="'default' (about 10 min on 2 CPU cores) or 'small' (a smoke run)."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Run the whole pipeline on embedded synthetic data: synthesize, pretrain parts, stages I-III, evaluate, report."""
+    if size not in SIZES:
+        raise typer.BadParameter(f"size must be one of {', '.join(SIZES)}")
+    report = run_quickstart(out, size, seed)
+    typer.echo((out / "report.md").read_text())
+    typer.echo(f"Report: {out / 'report.md'}  (JSON: {out / 'report.json'}, plot: {out / 'loss_curves.png'})")
+    model = report["model"]
+    typer.echo("Chat with the result:")
+    typer.echo(f"  .venv/bin/medvl chat --model {model} --image {out / 'data' / 'images'}/<file>.png")

@@ -1,0 +1,30 @@
+"""Evaluation: medical VQA benchmarks, VLMEvalKit-style scoring, reports with published reference rows.
+See docs/eval.md."""
+
+from medvl.eval.benchmarks import (
+    MC_INSTRUCTION,
+    SHORT_INSTRUCTION,
+    BenchmarkError,
+    Item,
+    build_prompt,
+    load_benchmark,
+)
+from medvl.eval.harness import APIModel, LocalModel, evaluate, rescore
+from medvl.eval.scoring import extract_choice, normalize_answer, score, token_recall
+
+__all__ = [
+    "MC_INSTRUCTION",
+    "SHORT_INSTRUCTION",
+    "APIModel",
+    "BenchmarkError",
+    "Item",
+    "LocalModel",
+    "build_prompt",
+    "evaluate",
+    "extract_choice",
+    "load_benchmark",
+    "normalize_answer",
+    "rescore",
+    "score",
+    "token_recall",
+]

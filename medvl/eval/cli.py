@@ -1,8 +1,95 @@
 from __future__ import annotations
 
-from medvl._stub import not_yet
+from pathlib import Path
+
+import typer
+
+BENCHES = "mc, gmai-mmbench, omnimedvqa, mmmu, vqa-rad, slake, pathvqa, pmc-vqa"
 
 
-def eval_cmd() -> None:
-    """Evaluate a model on medical VQA benchmarks. [not yet available]"""
-    not_yet("eval", "issue 5")
+def eval_cmd(
+    model: Path = typer.Option(None, help="A medvl model folder (or use --api-base/--api-model)."),
+    bench: str = typer.Option(None, help=f"Benchmark type: {BENCHES}."),
+    data: Path = typer.Option(None, help="The benchmark's file or folder (see docs/eval.md for each)."),
+    out: Path = typer.Option(Path("eval-out"), help="Folder for predictions and the report."),
+    api_base: str = typer.Option(None, help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1."),
+    api_model: str = typer.Option(None, help="Model name at --api-base."),
+    api_key: str = typer.Option(
+        None, envvar="OPENAI_API_KEY", help="Key for --api-base (env OPENAI_API_KEY)."
+    ),
+    split: str = typer.Option("test", help="SLAKE split file to read (test, validate, train)."),
+    lang: str = typer.Option("en", help="SLAKE question language: en or zh."),
+    batch_size: int = typer.Option(16, min=1),
+    max_new_tokens: int = typer.Option(32, min=1),
+    limit: int = typer.Option(None, min=1, help="Only the first N questions (a quick look)."),
+    image_check: bool = typer.Option(
+        False, help="Also run with blank and shuffled images; flag image-blind models."
+    ),
+    judge_base: str = typer.Option(
+        None, help="OpenAI-compatible endpoint of an LLM judge for unresolved answers."
+    ),
+    judge_model: str = typer.Option(None, help="Judge model name at --judge-base."),
+    judge_key: str = typer.Option(None, envvar="MEDVL_JUDGE_API_KEY", help="Key for --judge-base."),
+    rescore: Path = typer.Option(None, help="Score this prediction file again instead of running a model."),
+    compare: list[Path] = typer.Option(None, help="report.json files to plot side by side (repeatable)."),
+) -> None:
+    """Evaluate a model on medical VQA benchmarks, with VLMEvalKit-style scoring and published
+    reference rows; or re-score a prediction file (--rescore); or compare runs (--compare)."""
+    from medvl import RESEARCH_ONLY
+    from medvl.eval.benchmarks import BenchmarkError
+    from medvl.eval.harness import APIModel, evaluate
+    from medvl.eval.harness import rescore as rescore_file
+    from medvl.eval.report import compare as compare_reports
+
+    if compare:
+        typer.echo(f"wrote {compare_reports(compare, out)}")
+        return
+    judge = None
+    if judge_base or judge_model:
+        if not (judge_base and judge_model):
+            raise typer.BadParameter("--judge-base and --judge-model go together")
+        from openai import OpenAI
+
+        judge = (OpenAI(base_url=judge_base, api_key=judge_key or "none"), judge_model)
+    try:
+        if rescore:
+            report = rescore_file(rescore, out, bench=bench, judge=judge)
+        else:
+            if bench is None or data is None:
+                raise typer.BadParameter("--bench and --data are required (or --rescore / --compare)")
+            if api_base or api_model:
+                if not (api_base and api_model) or model:
+                    raise typer.BadParameter("give either --model, or --api-base with --api-model")
+                runner = APIModel(api_base, api_model, api_key)
+            elif model:
+                runner = model
+            else:
+                raise typer.BadParameter("give --model <folder>, or --api-base and --api-model")
+            report = evaluate(
+                runner,
+                bench,
+                data,
+                out,
+                batch_size=batch_size,
+                max_new_tokens=max_new_tokens,
+                limit=limit,
+                image_check=image_check,
+                split=split,
+                lang=lang,
+                judge=judge,
+            )
+    except (BenchmarkError, FileNotFoundError, ValueError) as e:
+        typer.echo(f"medvl eval: {e}", err=True)
+        raise typer.Exit(code=1) from e
+    o = report["overall"]
+    acc = "–" if o["accuracy"] is None else f"{100 * o['accuracy']:.2f}%"
+    typer.echo(f"{report['run']['bench']}: {o['n']} questions scored, accuracy {acc}")
+    if "unresolved" in o:
+        typer.echo(
+            f"  random guess {100 * o['random_guess']:.2f}%, "
+            f"unresolved {o['unresolved']}, refused {o['refused']}"
+        )
+    dep = report.get("image_dependence")
+    if dep and dep["image_independent"]:
+        typer.echo("  FLAG: accuracy barely changes without the real images (see report.md)")
+    typer.echo(f"report: {out / 'report.md'}\n{RESEARCH_ONLY}")

@@ -67,8 +67,9 @@ class StageConfig(Strict):
         return self
 
 
-def load_config(path: str | Path, **overrides) -> StageConfig:
-    """Read a stage YAML. Relative paths in it are relative to the current directory, like a CLI."""
+def load_config(path: str | Path, base_dir: Path | None = None, **overrides) -> StageConfig:
+    """Read a stage YAML. Relative paths in it are relative to `base_dir` (default: the current
+    directory, like any CLI). `overrides` replace top-level keys (None leaves the file's value)."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -80,7 +81,7 @@ def load_config(path: str | Path, **overrides) -> StageConfig:
         raise ValueError(f"{path}: expected a mapping of keys to values at the top level")
     raw.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        return StageConfig(**raw)
+        cfg = StageConfig(**raw)
     except ValidationError as e:
         problems = []
         for err in e.errors():
@@ -90,3 +91,10 @@ def load_config(path: str | Path, **overrides) -> StageConfig:
             else:
                 problems.append(f"key '{key}': {err['msg']} (got {err.get('input')!r})")
         raise ValueError(f"{path}: invalid config: " + "; ".join(problems)) from None
+    if base_dir is not None:
+        cfg.model = base_dir / cfg.model
+        cfg.output_dir = base_dir / cfg.output_dir
+        for d in cfg.data:
+            d.path = base_dir / d.path
+            d.image_root = base_dir / d.image_root if d.image_root else None
+    return cfg

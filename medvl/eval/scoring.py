@@ -1,0 +1,230 @@
+"""Scoring, with no model in the loop: a prediction file can be scored again at any time.
+
+A prediction row (one JSON object per line) has `id`, `kind` ("mc", "closed" or "open"), `answer`
+(the gold letter for "mc", else the gold text; empty when the split has no answers), `prediction`
+(the model's raw text), and optionally `options` ({"A": text, ...}, needed for "mc"), `groups`
+({breakdown: value}) and `judge` (a letter an LLM judge chose for an answer exact matching left
+unresolved). medvl writes exactly this; another tool's output converts to it line by line.
+
+- Multiple choice: :func:`extract_choice`, VLMEvalKit's exact-matching chain. A refusal or an
+  unresolved answer is wrong, and both are counted.
+- Closed questions: exact match after :func:`normalize_answer`.
+- Open questions: recall of the gold answer's tokens (LLaVA-Med's metric) and exact match.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from collections import Counter
+from pathlib import Path
+
+# VLMEvalKit's `can_infer_option`: answers containing these refuse the question ("Z").
+REFUSALS = (
+    "Sorry, I can't help with images of people yet.",
+    "I can't process this file.",
+    "I'm sorry, but without the image provided",
+    "Cannot determine the answer",
+)
+REFUSED = "Z"
+_SEPARATORS = ".()[],:;!*#{}"
+# A letter counts only when it stands among the last tokens, so that "A 45-year-old man ... " is
+# not read as option A.
+_LAST_TOKENS = 5
+
+
+def _letter_choice(prediction: str, options: dict[str, str]) -> str | None:
+    for refusal in REFUSALS:
+        if refusal in prediction:
+            return REFUSED
+    text = prediction
+    for c in _SEPARATORS:
+        text = text.replace(c, " ")
+    tokens = text.split()
+    found = [k for k in options if k in tokens]
+    if len(found) == 1:
+        letter = found[0]
+        return letter if tokens.index(letter) > len(tokens) - _LAST_TOKENS else None
+    if not found and REFUSED in tokens:
+        return REFUSED
+    return None
+
+
+def _text_choice(prediction: str, options: dict[str, str]) -> str | None:
+    lowered = prediction.lower()
+    found = [k for k, v in options.items() if v.lower() in lowered]
+    return found[0] if len(found) == 1 else None
+
+
+def extract_choice(prediction: str, options: dict[str, str]) -> str | None:
+    """The option a free-text answer picks, by VLMEvalKit's exact-matching chain
+    (`vlmeval.utils.matching_util.can_infer`):
+
+    1. A refusal phrase (:data:`REFUSALS`) gives "Z".
+    2. After `.()[],:;!*#{}` become spaces, exactly one option letter standing alone as a token,
+       among the last five tokens, gives that letter. Letters are case-sensitive: "a" is an article.
+       No letter but a lone "Z" gives "Z".
+    3. Else exactly one option whose text (case-insensitively) occurs inside the answer gives it;
+       an option contained in another ("lung" / "lung cancer") matches both and resolves nothing.
+    4. Else None: unresolved, scored wrong unless an LLM judge resolves it.
+
+    Empty options must be left out of `options`.
+    """
+    prediction = str(prediction)
+    return _letter_choice(prediction, options) or _text_choice(prediction, options)
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_CJK = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
+_TOKEN = re.compile(rf"[{_CJK}]|[^\W_{_CJK}]+")
+
+
+def normalize_answer(text: str) -> str:
+    """Unicode-normalised (NFKC), lower case, punctuation and English articles removed, whitespace
+    collapsed: "Yes." == "yes", "The Liver" == "liver", full-width "ＣＴ" == "ct"."""
+    text = unicodedata.normalize("NFKC", str(text)).lower()
+    text = re.sub(r"[^\w\s]", " ", text)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def answer_tokens(text: str) -> list[str]:
+    """Words of the normalised text; Chinese/Japanese/Korean characters count one token each, as
+    those scripts do not separate words with spaces."""
+    return _TOKEN.findall(normalize_answer(text))
+
+
+def token_recall(prediction: str, gold: str) -> float:
+    """Share of the gold answer's tokens (with multiplicity) that the prediction contains."""
+    gold_tokens = Counter(answer_tokens(gold))
+    if not gold_tokens:
+        return 0.0
+    common = gold_tokens & Counter(answer_tokens(prediction))
+    return sum(common.values()) / sum(gold_tokens.values())
+
+
+def score_row(row: dict) -> dict:
+    """The row with its verdict added: `correct` (bool), and `choice` for multiple choice or
+    `recall` for open questions."""
+    kind, gold, pred = row["kind"], str(row["answer"]), str(row.get("prediction", ""))
+    out = dict(row)
+    if kind == "mc":
+        choice = extract_choice(pred, row["options"])
+        out["choice"] = choice if choice is not None else row.get("judge")
+        out["correct"] = out["choice"] == gold
+    elif kind == "closed":
+        out["correct"] = normalize_answer(pred) == normalize_answer(gold)
+    elif kind == "open":
+        out["correct"] = normalize_answer(pred) == normalize_answer(gold)
+        out["recall"] = token_recall(pred, gold)
+    else:
+        raise ValueError(f"row {row.get('id')!r}: unknown kind {kind!r} (mc, closed or open)")
+    return out
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def summarize(scored: list[dict]) -> dict:
+    """Metrics of a set of scored rows. `accuracy` is the share answered correctly (option letter,
+    or normalised exact answer); the per-kind fields say which measure each part is."""
+    mc = [r for r in scored if r["kind"] == "mc"]
+    closed = [r for r in scored if r["kind"] == "closed"]
+    open_ = [r for r in scored if r["kind"] == "open"]
+    out: dict = {"n": len(scored), "accuracy": _mean([float(r["correct"]) for r in scored])}
+    if mc:
+        out |= {
+            "random_guess": _mean([1 / len(r["options"]) for r in mc]),
+            "unresolved": sum(r["choice"] is None for r in mc),
+            "refused": sum(r["choice"] == REFUSED for r in mc),
+        }
+    if closed:
+        out |= {"closed_n": len(closed), "closed_accuracy": _mean([float(r["correct"]) for r in closed])}
+    if open_:
+        out |= {
+            "open_n": len(open_),
+            "open_recall": _mean([r["recall"] for r in open_]),
+            "open_exact_match": _mean([float(r["correct"]) for r in open_]),
+        }
+    return out
+
+
+def score(rows: list[dict]) -> tuple[dict, list[dict]]:
+    """Overall metrics and one breakdown per group name; rows without a gold answer (a test split
+    with hidden answers) are counted as `unscored`. Returns (metrics, scored rows)."""
+    scored = [score_row(r) for r in rows if str(r.get("answer", "")).strip()]
+    breakdowns: dict[str, dict[str, dict]] = {}
+    for name in sorted({g for r in scored for g in r.get("groups", {})}):
+        values = sorted({r["groups"][name] for r in scored if name in r.get("groups", {})})
+        breakdowns[name] = {
+            v: summarize([r for r in scored if r.get("groups", {}).get(name) == v]) for v in values
+        }
+    metrics = {"overall": summarize(scored), "breakdowns": breakdowns, "unscored": len(rows) - len(scored)}
+    return metrics, scored
+
+
+def read_predictions(path: Path) -> list[dict]:
+    """Rows of a prediction file. A last line cut off by a killed run is ignored; any other bad line
+    raises ValueError naming the file, line and field."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    rows = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines):
+                break
+            raise ValueError(f"{path} line {n}: not JSON ({e})") from e
+        for key in ("id", "kind", "answer", "prediction"):
+            if key not in row:
+                raise ValueError(f"{path} line {n}: missing field {key!r}")
+        if row["kind"] == "mc" and not isinstance(row.get("options"), dict):
+            raise ValueError(f"{path} line {n}: multiple-choice row needs 'options' as {{letter: text}}")
+        rows.append(row)
+    return rows
+
+
+# VLMEvalKit's judge prompt (`vlmeval.dataset.utils.multiple_choice.build_prompt`), used only for
+# answers exact matching leaves unresolved.
+JUDGE_PROMPT = (
+    "You are an AI assistant who will help me to match an answer with several options of a single-choice "
+    "question. You are provided with a question, several options, and an answer, and you need to find "
+    "which option is most similar to the answer. If the meaning of all options are significantly different "
+    "from the answer, output Z. Your should output a single uppercase character in A, B, C, D (if they are "
+    "valid options), and Z. \n"
+    "Example 1: \nQuestion: What is the main object in image?\n"
+    "Options: A. teddy bear B. rabbit C. cat D. dog\n"
+    "Answer: a cute teddy bear\nYour output: A\n"
+    "Example 2: \nQuestion: What is the main object in image?\n"
+    "Options: A. teddy bear B. rabbit C. cat D. dog\n"
+    "Answer: Spider\nYour output: Z\n"
+    "Example 3: \nQuestion: {question}?\nOptions: {options}\nAnswer: {prediction}\nYour output: "
+)
+
+
+def judge_unresolved(rows: list[dict], client, model: str, tries: int = 3) -> int:
+    """Ask an LLM (any OpenAI-compatible endpoint, `client` an `openai.OpenAI`) to map each unresolved
+    multiple-choice answer onto an option; the verdict is stored in the row's `judge` field ("Z" when
+    it still fails). Returns how many rows were asked."""
+    asked = 0
+    for row in rows:
+        if row["kind"] != "mc" or "judge" in row or extract_choice(row["prediction"], row["options"]):
+            continue
+        options = " ".join(f"{k}. {v}" for k, v in row["options"].items())
+        prompt = JUDGE_PROMPT.format(
+            question=row.get("question", ""), options=options, prediction=row["prediction"]
+        )
+        verdict = None
+        for _ in range(tries):
+            reply = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=8
+            )
+            verdict = extract_choice(reply.choices[0].message.content or "", row["options"])
+            if verdict:
+                break
+        row["judge"] = verdict or REFUSED
+        asked += 1
+    return asked
