@@ -90,6 +90,25 @@ CLINICAL_TASKS: tuple[str, ...] = (
     "Surgical Workflow Recognition",
 )
 
+# Body regions a record can name (curation maps each source's spelling onto these; the CT display
+# window is chosen from them).
+BODY_REGIONS: tuple[str, ...] = (
+    "Head",
+    "Neck",
+    "Chest",
+    "Breast",
+    "Abdomen",
+    "Pelvis",
+    "Spine",
+    "Upper limb",
+    "Lower limb",
+    "Eye",
+    "Oral cavity",
+    "Skin",
+    "Whole body",
+    "Cell",
+)
+
 # The five question types of OmniMedVQA (reference Table 3), used by the synthetic benchmark and
 # the OmniMedVQA breakdown.
 OMNIMEDVQA_QUESTION_TYPES: tuple[str, ...] = (

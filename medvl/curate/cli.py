@@ -1,8 +1,60 @@
 from __future__ import annotations
 
-from medvl._stub import not_yet
+from pathlib import Path
+from typing import Annotated
+
+import typer
 
 
-def curate() -> None:
-    """Ingest labelled datasets (2D, 3D, video) into traceable records. [not yet available]"""
-    not_yet("curate", "issue 4")
+def curate(
+    card: Annotated[
+        list[Path],
+        typer.Option(
+            "--card",
+            help="Dataset card YAML; repeat to curate several sources "
+            "into one output (duplicates are searched across them, earlier cards win).",
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output folder; re-running resumes / is a no-op.")],
+    workers: Annotated[
+        int, typer.Option("--workers", min=1, help="Parallel worker processes (or Ray CPUs).")
+    ] = 1,
+    engine: Annotated[
+        str, typer.Option("--engine", help="local (processes) or ray (ray.data; RAY_ADDRESS for a cluster).")
+    ] = "local",
+    shard_records: Annotated[
+        int, typer.Option("--shard-records", min=1, help="Records per Parquet shard.")
+    ] = 1000,
+) -> None:
+    """Ingest labelled datasets (2D, 3D, video) into traceable records: sharded Parquet, a quarantine
+    report and a dataset card."""
+    from rich.progress import Progress
+
+    from .card import CardError, load_card
+    from .pipeline import ENGINES
+    from .pipeline import curate as run
+
+    if engine not in ENGINES:
+        raise typer.BadParameter(f"--engine must be one of {', '.join(ENGINES)}")
+    try:
+        cards = [load_card(c) for c in card]
+    except CardError as e:
+        typer.echo(f"medvl curate: {e}", err=True)
+        raise typer.Exit(code=2) from None
+    with Progress(transient=True) as bar:
+        task = bar.add_task("curating", total=None)
+        report = run(
+            cards,
+            out,
+            workers=workers,
+            engine=engine,
+            shard_records=shard_records,
+            on_progress=lambda n, total: bar.update(task, completed=n, total=total),
+        )
+    c = report["counts"]
+    typer.echo(
+        f"read {c['read']} = kept {c['kept']} + quarantined {c['quarantined']} "
+        f"+ duplicates {c['duplicates']} "
+        f"(flagged near duplicates kept: {c['flagged']}); items {c['items']}.\n"
+        f"records: {out}/data/*.parquet  report: {out}/quarantine.jsonl  card: {out}/dataset_card.md"
+    )

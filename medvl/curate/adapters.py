@@ -1,0 +1,660 @@
+"""Source adapters, registered by name. Each lists its *items* (cheap, in the driver: one image, volume
+or clip, as a small picklable dict with a unique `id`) and *loads* an item into 2D samples (in a worker).
+A card's `options` are checked against the adapter's `Options` model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import ImageSequence
+
+from medvl.vocab import BODY_REGIONS
+
+from .card import Strict
+from .images import (
+    WINDOW_BY_REGION,
+    CurationError,
+    ct_window,
+    mask_boxes,
+    normalise_percentile,
+    open_image,
+    present_values,
+    resize_spacing,
+    to_display,
+)
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+
+
+@dataclass
+class Sample:
+    """One 2D image out of an item, before vocabulary mapping and encoding (done by the pipeline)."""
+
+    pixels: np.ndarray  # uint8, (H, W) or (H, W, 3)
+    file: str  # path relative to the card's root: the provenance
+    index: int = -1  # slice or frame index; -1 for a plain 2D image
+    index_kind: str = ""  # "slice" | "frame" | ""
+    labels: list[str] = field(default_factory=list)
+    boxes: list[dict] = field(default_factory=list)  # authoritative boxes
+    mask_boxes: list[dict] = field(default_factory=list)  # derived from a mask, when boxes were also given
+    modality: str | None = None  # source spelling; None: the card's
+    body_region: str | None = None  # source spelling; None: the card's
+    meta: dict = field(default_factory=dict)
+
+
+ADAPTERS: dict[str, type] = {}
+
+
+def register(name: str):
+    def deco(cls: type) -> type:
+        ADAPTERS[name] = cls
+        return cls
+
+    return deco
+
+
+def _files(root: Path, pattern: str, exts: set[str] | None = IMAGE_EXTS) -> list[str]:
+    if not root.is_dir():
+        raise FileNotFoundError(f"source root {root} does not exist")
+    return sorted(
+        p.relative_to(root).as_posix()
+        for p in root.glob(pattern)
+        if (p.is_file() and (exts is None or p.suffix.lower() in exts))
+    )
+
+
+def _box(label: str, x: float, y: float, w: float, h: float) -> dict:
+    return dict(label=label, x_min=float(x), y_min=float(y), x_max=float(x + w), y_max=float(y + h))
+
+
+# ---------------------------------------------------------------- 2D classification
+
+
+@register("folder")
+class FolderPerClass:
+    """root/<class>/<image>: the folder name is the label."""
+
+    class Options(Strict):
+        pattern: str = "*/*"
+
+    @staticmethod
+    def items(card, opts, root: Path) -> list[dict]:
+        return [{"id": f} for f in _files(root, opts.pattern)]
+
+    @staticmethod
+    def load(card, opts, root: Path, item: dict) -> Iterator[Sample]:
+        im = open_image(root / item["id"], item["id"], card.max_pixels)
+        yield Sample(to_display(im), item["id"], labels=[Path(item["id"]).parent.name])
+
+
+@register("table")
+class LabelTable:
+    """A CSV or JSON (list of objects) label file: one row per image, one or several labels."""
+
+    class Options(Strict):
+        file: str
+        image_column: str = "image"
+        label_column: str = "label"
+        separator: str | None = None  # multi-label cells, e.g. "|"
+        images_dir: str = ""
+
+    @staticmethod
+    def items(card, opts, root: Path) -> list[dict]:
+        path = root / opts.file
+        rows = json.loads(path.read_text()) if path.suffix == ".json" else list(csv.DictReader(path.open()))
+        items = []
+        for n, row in enumerate(rows):
+            rel = (Path(opts.images_dir) / str(row.get(opts.image_column, ""))).as_posix()
+            raw = row.get(opts.label_column)
+            labels = (
+                raw if isinstance(raw, list) else [] if raw in (None, "") else str(raw).split(opts.separator)
+            )
+            items.append(
+                {"id": f"{opts.file}#{n}", "file": rel, "labels": [s.strip() for s in map(str, labels)]}
+            )
+        return items
+
+    @staticmethod
+    def load(card, opts, root: Path, item: dict) -> Iterator[Sample]:
+        if not item["labels"]:
+            raise CurationError(item["id"], opts.label_column, "empty label")
+        if not (root / item["file"]).is_file():
+            raise CurationError(item["id"], opts.image_column, f"image {item['file']} not found")
+        im = open_image(root / item["file"], item["file"], card.max_pixels)
+        yield Sample(to_display(im), item["file"], labels=item["labels"])
+
+
+# ---------------------------------------------------------------- 2D detection
+
+
+@register("coco")
+class Coco:
+    class Options(Strict):
+        annotations: str
+        images_dir: str = ""
+
+    @staticmethod
+    def items(card, opts, root: Path) -> list[dict]:
+        coco = json.loads((root / opts.annotations).read_text())
+        cats = {c["id"]: c["name"] for c in coco.get("categories", [])}
+        items = {
+            im["id"]: {
+                "id": (Path(opts.images_dir) / im["file_name"]).as_posix(),
+                "size": [im.get("width"), im.get("height")],
+                "boxes": [],
+            }
+            for im in coco["images"]
+        }
+        for a in coco.get("annotations", []):
+            it = items.get(a["image_id"])
+            if it is None:  # an annotation for no image: nothing to attach it to; kept visible in the item
+                continue
+            it["boxes"].append(_box(cats.get(a["category_id"], str(a["category_id"])), *a["bbox"]))
+        return sorted(items.values(), key=lambda i: i["id"])
+
+    @staticmethod
+    def load(card, opts, root: Path, item: dict) -> Iterator[Sample]:
+        im = open_image(root / item["id"], item["id"], card.max_pixels)
+        if item["size"][0] and tuple(item["size"]) != im.size:
+            raise CurationError(
+                item["id"], "width/height", f"annotation says {item['size']}, image is {im.size}"
+            )
+        yield Sample(to_display(im), item["id"], labels=_uniq(item["boxes"]), boxes=item["boxes"])
+
+
+@register("voc")
+class PascalVoc:
+    class Options(Strict):
+        annotations: str = "Annotations/*.xml"
+        images_dir: str = "JPEGImages"
+
+    @staticmethod
+    def items(card, opts, root: Path) -> list[dict]:
+        return [{"id": f} for f in _files(root, opts.annotations, {".xml"})]
+
+    @staticmethod
+    def load(card, opts, root: Path, item: dict) -> Iterator[Sample]:
+        try:
+            tree = ET.parse(root / item["id"]).getroot()
+            fname = tree.findtext("filename")
+            size = (int(tree.findtext("size/width")), int(tree.findtext("size/height")))
+            boxes = [
+                dict(
+                    label=o.findtext("name"),
+                    **{
+                        k: float(o.findtext(f"bndbox/{k.replace('_', '')}"))
+                        for k in ("x_min", "y_min", "x_max", "y_max")
+                    },
+                )
+                for o in tree.iter("object")
+            ]
+        except (ET.ParseError, TypeError, ValueError) as e:
+            raise CurationError(item["id"], "xml", f"malformed VOC annotation ({e})") from None
+        rel = (Path(opts.images_dir) / (fname or "")).as_posix()
+        if not fname or not (root / rel).is_file():
+            raise CurationError(item["id"], "filename", f"image {rel} not found")
+        im = open_image(root / rel, rel, card.max_pixels)
+        if size != im.size:
+            raise CurationError(item["id"], "size", f"annotation says {size}, image {rel} is {im.size}")
+        yield Sample(to_display(im), rel, labels=_uniq(boxes), boxes=boxes, meta={"annotation": item["id"]})
+
+
+@register("per_image_json")
+class PerImageJson:
+    """One folder per image with the image, a box file ([{label: [x, y, w, h]}], SLAKE's detection.json)
+    and optionally a mask (one grey level per label: card `label_names`). Index files (SLAKE's split
+    JSONs) give each image's modality and body region."""
+
+    class Options(Strict):
+        images: str = "imgs/*/source.jpg"
+        boxes_file: str = "detection.json"
+        mask_file: str | None = "mask.png"
+        index_files: list[str] = []
+        index_image_key: str = "img_name"
+        index_modality_key: str = "modality"
+        index_region_key: str = "location"
+        index_prefix: str = "imgs/"
+
+    @staticmethod
+    def items(card, opts, root: Path) -> list[dict]:
+        info: dict[str, tuple[str, str]] = {}
+        for f in opts.index_files:
+            for row in json.loads((root / f).read_text()):
+                info[opts.index_prefix + row[opts.index_image_key]] = (
+                    row[opts.index_modality_key],
+                    row[opts.index_region_key],
+                )
+        return [
+            {"id": f, "modality": info.get(f, (None, None))[0], "region": info.get(f, (None, None))[1]}
+            for f in _files(root, opts.images)
+        ]
+
+    @staticmethod
+    def load(card, opts, root: Path, item: dict) -> Iterator[Sample]:
+        rel = item["id"]
+        folder = Path(rel).parent
+        im = open_image(root / rel, rel, card.max_pixels)
+        box_rel = (folder / opts.boxes_file).as_posix()
+        try:
+            raw = json.loads((root / box_rel).read_text())
+            boxes = [_box(label, *xywh) for entry in raw for label, xywh in entry.items()]
+        except FileNotFoundError:
+            raise CurationError(box_rel, "boxes", "box file missing") from None
+        except (ValueError, TypeError, AttributeError) as e:
+            raise CurationError(
+                box_rel, "boxes", f"expected a list of {{label: [x, y, w, h]}} ({e})"
+            ) from None
+        derived, meta = [], {}
+        if opts.mask_file and (root / folder / opts.mask_file).is_file():
+            mrel = (folder / opts.mask_file).as_posix()
+            mask = np.asarray(open_image(root / mrel, mrel, card.max_pixels, "mask").convert("L"))
+            if mask.shape != (im.size[1], im.size[0]):
+                raise CurationError(mrel, "mask", f"mask is {mask.shape[::-1]}, image {rel} is {im.size}")
+            derived, meta = mask_boxes(mask, card.label_names), {"mask": mrel}
+        if item["modality"] is None and card.modality is None:
+            raise CurationError(rel, "modality", "image is in no index file and the card sets no modality")
+        yield Sample(
+            to_display(im),
+            rel,
+            labels=_uniq(boxes),
+            boxes=boxes,
+            mask_boxes=derived,
+            modality=item["modality"],
+            body_region=item["region"],
+            meta=meta,
+        )
+
+
+# ---------------------------------------------------------------- 2D segmentation
+
+
+@register("mask2d")
+class Mask2D:
+    """Image + mask pairs; one box per connected component per label. Grey masks use `label_names`
+    (value -> label); colour masks use `colours` ("#rrggbb" -> label)."""
+
+    class Options(Strict):
+        images: str = "images/*"
+        masks_dir: str = "masks"
+        mask_suffix: str = ".png"  # masks_dir/<image stem><suffix>
+        colours: dict[str, str] = {}
+
+    @staticmethod
+    def items(card, opts, root: Path) -> list[dict]:
+        return [{"id": f} for f in _files(root, opts.images)]
+
+    @staticmethod
+    def load(card, opts, root: Path, item: dict) -> Iterator[Sample]:
+        rel = item["id"]
+        mrel = (Path(opts.masks_dir) / (Path(rel).stem + opts.mask_suffix)).as_posix()
+        if not (root / mrel).is_file():
+            raise CurationError(rel, "mask", f"mask {mrel} not found")
+        im = open_image(root / rel, rel, card.max_pixels)
+        m = open_image(root / mrel, mrel, card.max_pixels, "mask")
+        if m.size != im.size:
+            raise CurationError(mrel, "mask", f"mask is {m.size}, image {rel} is {im.size}")
+        if opts.colours:
+            rgb = np.asarray(m.convert("RGB")).astype(np.int32)
+            code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+            names = {int(c.lstrip("#"), 16): n for c, n in opts.colours.items()}
+            boxes = mask_boxes(code, names)
+        else:
+            boxes = mask_boxes(np.asarray(m.convert("L")), card.label_names)
+        yield Sample(to_display(im), rel, labels=_uniq(boxes), boxes=boxes, meta={"mask": mrel})
+
+
+# ---------------------------------------------------------------- 3D volumes
+
+
+class VolumeOptions(Strict):
+    images: str = "**/*.nii.gz"
+    labels: str | None = None  # label volume path template: "{dir}", "{name}", "{stem}" of the image
+    axis: str = "axial"  # axial | coronal | sagittal
+    slices_per_label: int = 5  # evenly spaced slices containing each label
+    negatives: int = 2  # slices containing no label
+    unlabelled_slices: int = 8  # evenly spaced slices of a volume without labels
+    region_from_parent: bool = False  # body region = parent folder name (mapped by body_region_map)
+
+
+def _orient(img, axis: str) -> np.ndarray:
+    """SimpleITK image -> [slice, row, col] array for the axis; LPS so rows run anterior->posterior and
+    columns patient right->left (radiological view); coronal/sagittal are flipped so the head is up."""
+    import SimpleITK as sitk
+
+    if img.GetDirection() != (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0):  # already LPS: skip the resample
+        img = sitk.DICOMOrient(img, "LPS")
+    a = sitk.GetArrayFromImage(img)  # [S(inferior->superior), P, L]
+    if axis == "axial":
+        return a
+    if axis == "coronal":
+        return np.ascontiguousarray(a.transpose(1, 0, 2)[:, ::-1])
+    if axis == "sagittal":
+        return np.ascontiguousarray(a.transpose(2, 0, 1)[:, ::-1])
+    raise CurationError("<card>", "options.axis", f"unknown axis {axis!r}")
+
+
+def _slice_spacing(img, axis: str) -> tuple[float, float]:
+    import SimpleITK as sitk
+
+    sx, sy, sz = sitk.DICOMOrient(img, "LPS").GetSpacing()
+    return {"axial": (sy, sx), "coronal": (sz, sx), "sagittal": (sz, sy)}[axis]
+
+
+def choose_slices(
+    labels: np.ndarray | None, n: int, per_label: int, negatives: int, unlabelled: int
+) -> list[int]:
+    """Slices containing each labelled structure (evenly spaced over its extent) plus a few negatives."""
+    if labels is None:
+        return sorted({int(i) for i in np.linspace(0, n - 1, min(n, unlabelled)).round()})
+    chosen: set[int] = set()
+    flat = labels.reshape(n, -1)
+    for value in present_values(flat):
+        idx = np.nonzero((flat == value).any(axis=1))[0]
+        chosen.update(
+            int(idx[int(i)]) for i in np.linspace(0, len(idx) - 1, min(len(idx), per_label)).round()
+        )
+    empty = np.nonzero(~flat.any(axis=1))[0]
+    if len(empty) and negatives:
+        chosen.update(
+            int(empty[int(i)]) for i in np.linspace(0, len(empty) - 1, min(len(empty), negatives)).round()
+        )
+    return sorted(chosen)
+
+
+def slice_volume(
+    card, opts, img, lab, rel: str, modality: str, region: str | None, meta: dict
+) -> Iterator[Sample]:
+    vol = _orient(img, opts.axis)
+    labels = None
+    if lab is not None:
+        labels = _orient(lab, opts.axis)
+        if labels.shape != vol.shape:
+            raise CurationError(rel, "labels", f"label volume is {labels.shape}, image volume is {vol.shape}")
+    if vol.ndim != 3 or min(vol.shape) < 1:
+        raise CurationError(rel, "image", f"expected a 3D volume, got shape {vol.shape}")
+    spacing = _slice_spacing(img, opts.axis)
+    if modality == "CT":
+        window = _window(card, region)
+        meta = {**meta, "ct_window": window}
+    else:  # MR and others have no absolute scale: one percentile range per volume
+        ref = vol[:: max(1, vol.shape[0] // 16)].astype(np.float32)
+    for k in choose_slices(
+        labels, vol.shape[0], opts.slices_per_label, opts.negatives, opts.unlabelled_slices
+    ):
+        px = ct_window(vol[k], window) if modality == "CT" else normalise_percentile(vol[k], ref=ref)
+        px, lk = resize_spacing(
+            px, spacing, card.max_side, None if labels is None else labels[k].astype(np.uint8)
+        )
+        boxes = [] if lk is None else mask_boxes(lk, card.label_names)
+        yield Sample(
+            px,
+            rel,
+            k,
+            "slice",
+            labels=_uniq(boxes),
+            boxes=boxes,
+            modality=modality,
+            body_region=region,
+            meta={**meta, "axis": opts.axis, "spacing_mm": list(spacing)},
+        )
+
+
+def _label_path(template: str, rel: str) -> str:
+    p = Path(rel)
+    name = p.name
+    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else p.stem
+    return template.format(dir=p.parent.as_posix(), name=name, stem=stem)
+
+
+def _read_volume(path: Path, rel: str, field: str):
+    import SimpleITK as sitk
+
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise CurationError(
+            rel, field, f"unreadable volume ({str(e).strip().splitlines()[-1][:200]})"
+        ) from None
+    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
+        raise CurationError(
+            rel,
+            field,
+            f"expected a scalar 3D volume, got {img.GetDimension()}D with "
+            f"{img.GetNumberOfComponentsPerPixel()} component(s) of size {img.GetSize()}",
+        )
+    return img
+
+
+@register("nifti")
+class Nifti:
+    """NIfTI (or any SimpleITK-readable) volumes with optional label volumes -> 2D slices."""
+
+    Options = VolumeOptions
+
+    @staticmethod
+    def items(card, opts, root: Path) -> list[dict]:
+        files = _files(root, opts.images, None)
+        if opts.labels:  # a label volume matched by the image glob is not an image
+            labels = {_label_path(opts.labels, f) for f in files}
+            files = [f for f in files if f not in labels]
+        return [{"id": f} for f in files]
+
+    @staticmethod
+    def load(card, opts, root: Path, item: dict) -> Iterator[Sample]:
+        rel = item["id"]
+        if card.modality is None:
+            raise CurationError(rel, "modality", "NIfTI carries no modality; set `modality` in the card")
+        img = _read_volume(root / rel, rel, "image")
+        lab = None
+        if opts.labels:
+            lrel = _label_path(opts.labels, rel)
+            if not (root / lrel).is_file():
+                raise CurationError(rel, "labels", f"label volume {lrel} not found")
+            lab = _read_volume(root / lrel, lrel, "labels")
+        region = Path(rel).parent.name if opts.region_from_parent else None
+        yield from slice_volume(card, opts, img, lab, rel, card.modality, region, {})
+
+
+@register("dicom")
+class Dicom:
+    """DICOM: single files (2D, or multi-frame -> frames) or, with `series: true`, one folder per series
+    (-> slices, with an optional label volume). Headers are de-identified as soon as they are read."""
+
+    class Options(VolumeOptions):
+        images: str = "**/*.dcm"
+        series: bool = False
+
+    @staticmethod
+    def items(card, opts, root: Path) -> list[dict]:
+        files = _files(root, opts.images, None)
+        if opts.series:
+            return [{"id": d} for d in sorted({Path(f).parent.as_posix() for f in files})]
+        return [{"id": f} for f in files]
+
+    @staticmethod
+    def load(card, opts, root: Path, item: dict) -> Iterator[Sample]:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+
+        from .deid import deidentify, technical_meta
+
+        rel = item["id"]
+        if opts.series:
+            import SimpleITK as sitk
+
+            files = sorted((root / rel).glob(Path(opts.images).name))
+            ds = deidentify(pydicom.dcmread(files[0], stop_before_pixels=True))
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(root / rel)))
+            try:
+                img = reader.Execute()
+            except RuntimeError:
+                raise CurationError(rel, "series", "SimpleITK could not assemble the series") from None
+            lab = None
+            if opts.labels:
+                lrel = _label_path(opts.labels, rel)
+                lab = _read_volume(root / lrel, lrel, "labels")
+            modality = card.modality or str(ds.get("Modality", ""))
+            yield from slice_volume(
+                card, opts, img, lab, rel, modality, _region(card, ds), technical_meta(ds)
+            )
+            return
+        try:
+            with warnings.catch_warnings():  # pydicom warnings may quote header values: never log them
+                warnings.simplefilter("ignore")
+                ds = deidentify(pydicom.dcmread(root / rel))
+        except (InvalidDicomError, OSError, ValueError, EOFError) as e:
+            raise CurationError(rel, "file", f"not a readable DICOM file ({type(e).__name__})") from None
+        if "PixelData" not in ds:
+            raise CurationError(rel, "PixelData", f"no image (SOP class {ds.get('SOPClassUID', '?')!s})")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                arr = ds.pixel_array  # pydicom 3 returns colour images as RGB
+        except Exception as e:  # a missing codec, or truncated pixel data; the message names no PHI
+            tsyntax = ds.file_meta.get("TransferSyntaxUID", "?") if ds.get("file_meta") is not None else "?"
+            raise CurationError(
+                rel, "PixelData", f"cannot decode ({type(e).__name__}; transfer syntax {tsyntax})"
+            ) from None
+        modality = card.modality or str(ds.get("Modality", ""))
+        if not modality:
+            raise CurationError(rel, "Modality", "no Modality tag and the card sets no `modality`")
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1))
+        arr = arr if frames > 1 else arr[None]
+        if arr.ndim != (4 if samples > 1 else 3):
+            raise CurationError(rel, "PixelData", f"unexpected pixel array shape {arr.shape}")
+        meta = technical_meta(ds)
+        if samples == 1:
+            from pydicom.pixels import apply_modality_lut
+
+            arr = apply_modality_lut(arr, ds).astype(np.float32)
+        spacing = [float(s) for s in ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing") or [1.0, 1.0]]
+        spacing = spacing if min(spacing) > 0 else [1.0, 1.0]  # some files carry 0.0: treat as unknown
+        region = _region(card, ds)
+        ref = None if samples > 1 or modality == "CT" else arr[:: max(1, len(arr) // 16)]
+        for k, fr in enumerate(arr):
+            if samples > 1:
+                px = np.asarray(fr if fr.dtype == np.uint8 else normalise_percentile(fr), np.uint8)
+            elif modality == "CT":
+                px = ct_window(fr, _window(card, region))
+            else:
+                px = normalise_percentile(fr, ref=ref)
+                if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+                    px = 255 - px
+            px, _ = resize_spacing(px, tuple(spacing), card.max_side)
+            yield Sample(
+                px,
+                rel,
+                k if frames > 1 else -1,
+                "frame" if frames > 1 else "",
+                modality=modality,
+                body_region=region,
+                meta=meta,
+            )
+
+
+def _window(card, region: str | None) -> str:
+    """The card's CT window, or the one for the (mapped) body region; abdomen (soft tissue) otherwise."""
+    if card.ct_window != "auto":
+        return card.ct_window
+    return WINDOW_BY_REGION.get(card.body_region_map.get(region, region) if region else "", "abdomen")
+
+
+def _region(card, ds) -> str | None:
+    """DICOM BodyPartExamined (upper-case defined terms) -> a BODY_REGIONS spelling where one matches;
+    others pass through to the card's body_region_map."""
+    part = str(ds.get("BodyPartExamined", "") or "").strip()
+    if not part:
+        return card.body_region
+    return next(
+        (r for r in BODY_REGIONS if r.upper() == part.upper()), DICOM_BODY_PARTS.get(part.upper(), part)
+    )
+
+
+# DICOM PS3.16 CID 4031 terms that are not spelled like a BODY_REGIONS entry.
+DICOM_BODY_PARTS = {
+    "BRAIN": "Head",
+    "SKULL": "Head",
+    "THORAX": "Chest",
+    "LUNG": "Chest",
+    "CSPINE": "Spine",
+    "TSPINE": "Spine",
+    "LSPINE": "Spine",
+    "PANCREAS": "Abdomen",
+    "LIVER": "Abdomen",
+    "KIDNEY": "Abdomen",
+    "HAND": "Upper limb",
+    "ARM": "Upper limb",
+    "KNEE": "Lower limb",
+    "LEG": "Lower limb",
+    "FOOT": "Lower limb",
+    "WHOLEBODY": "Whole body",
+}
+
+
+# ---------------------------------------------------------------- video
+
+
+@register("video")
+class Video:
+    """Clips as animated GIF, multi-frame TIFF or a folder of frames -> frames at `fps`. Labels are the
+    clip's (its parent folder name, folder-per-class). MP4/AVI need a video decoder (PyAV), which this
+    install does not have: such files are quarantined with that reason."""
+
+    class Options(Strict):
+        clips: str = "*/*"
+        fps: float = 1.0  # frames kept per second of video
+        source_fps: float = 25.0  # for frame folders and TIFF stacks, which carry no timing
+        max_frames: int = 64
+        label_from_parent: bool = True
+
+    @staticmethod
+    def items(card, opts, root: Path) -> list[dict]:
+        if not root.is_dir():
+            raise FileNotFoundError(f"source root {root} does not exist")
+        return [{"id": p.relative_to(root).as_posix()} for p in sorted(root.glob(opts.clips))]
+
+    @staticmethod
+    def load(card, opts, root: Path, item: dict) -> Iterator[Sample]:
+        rel = item["id"]
+        path = root / rel
+        labels = [Path(rel).parent.name] if opts.label_from_parent else []
+        if path.is_dir():
+            frames = [(f, None) for f in sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)]
+        elif path.suffix.lower() in (".gif", ".tif", ".tiff", ".webp", ".png"):
+            frames = None
+        else:
+            raise CurationError(rel, "file", f"{path.suffix} video needs a decoder (PyAV), not installed")
+        if frames is None:
+            im = open_image(path, rel, card.max_pixels)
+            times, t = [], 0.0
+            for fr in ImageSequence.Iterator(im):
+                times.append(t)
+                t += (fr.info.get("duration") or 1000.0 / opts.source_fps) / 1000.0
+        else:
+            times = [i / opts.source_fps for i in range(len(frames))]
+        if not times:
+            raise CurationError(rel, "frames", "clip has no frames")
+        # The frame shown at each sampling instant k / fps.
+        want = np.arange(0.0, times[-1] + 1e-9, 1.0 / opts.fps)[: opts.max_frames]
+        keep = sorted({int(np.searchsorted(times, w, side="right") - 1) for w in want})
+        for k in keep:
+            if frames is None:
+                im.seek(k)
+                px = to_display(im.convert("RGB"))
+            else:
+                frel = (Path(rel) / frames[k][0].name).as_posix()
+                px = to_display(open_image(frames[k][0], frel, card.max_pixels))
+            yield Sample(px, rel, k, "frame", labels=labels, meta={"time_s": round(times[k], 3)})
+
+
+def _uniq(boxes: list[dict]) -> list[str]:
+    return list(dict.fromkeys(b["label"] for b in boxes))
