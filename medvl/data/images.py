@@ -12,7 +12,7 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 # Decompression bombs: refuse images above this many pixels before decoding them.
 MAX_PIXELS = 64_000_000
@@ -41,9 +41,14 @@ def load_image(
     try:
         with Image.open(io.BytesIO(data), formats=formats) as im:
             if im.width * im.height > max_pixels:
-                raise ValueError(f"{name}: image is {im.width}x{im.height}, above the {max_pixels}-pixel limit")
+                raise ValueError(
+                    f"{name}: image is {im.width}x{im.height}, above the {max_pixels}-pixel limit"
+                )
             im.load()
             return im.convert("RGB")
+    except UnidentifiedImageError:
+        kinds = ", ".join(formats) if formats else "a format PIL reads"
+        raise ValueError(f"{name}: not a readable image (expected DICOM or {kinds})") from None
     except (OSError, Image.DecompressionBombError) as e:
         raise ValueError(f"{name}: not a readable image ({e})") from e
 

@@ -66,7 +66,7 @@ def list_presets() -> list[str]:
 
 def load_preset(name_or_path: str) -> PresetSpec:
     path = Path(name_or_path)
-    if not path.suffix:
+    if name_or_path in list_presets():
         path = PRESET_DIR / f"{name_or_path}.yaml"
     if not path.exists():
         raise FileNotFoundError(f"unknown preset {name_or_path!r}; available: {', '.join(list_presets())}")

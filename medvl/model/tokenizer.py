@@ -16,10 +16,8 @@ IMAGE_TOKEN = "<image>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 PAD_TOKEN = "<|endoftext|>"
-DEFAULT_SYSTEM = (
-    "You are a medical vision-language assistant for research use. "
-    "Answer concisely; your answers are not a diagnosis."
-)
+# Kept short: it is part of every training sample.
+DEFAULT_SYSTEM = "You are a medical imaging assistant for research use, not diagnosis."
 
 # Message content may be a string (LLaVA training data, with a literal "<image>") or a list of
 # parts in the transformers/OpenAI shape ({"type": "image"} / {"type": "text", "text": ...}).

@@ -1,0 +1,124 @@
+"""The web demo in a real headless Chromium (Debian's `chromium`, driven by Playwright): upload a DICOM
+file, ask, watch the answer arrive, ask again, change the image. Screenshots go to the test's tmp
+dir; with MEDVL_DOCS_SCREENSHOT=1 the first one also refreshes docs/ui-screenshot.png."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from pydicom.data import get_testdata_file
+from test_serve import build_tiny_model, free_port
+
+from medvl import RESEARCH_ONLY
+from medvl.data.images import load_image
+from medvl.model.build import load
+from medvl.model.generate import Conversation, generate
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+MAX_NEW_TOKENS = 12
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed")
+
+
+def expected(vlm, turns: list[tuple[str, str]], question: str, image) -> str:
+    """The model's in-process answer to `question` after `turns`, the image with the first turn."""
+    messages = []
+    for q, a in turns:
+        messages += [
+            {"role": "user", "content": [{"type": "text", "text": q}]},
+            {"role": "assistant", "content": a},
+        ]
+    messages.append({"role": "user", "content": [{"type": "text", "text": question}]})
+    messages[0]["content"].insert(0, {"type": "image"})
+    return generate(vlm, [Conversation(messages, [image])], max_new_tokens=MAX_NEW_TOKENS)[0].text
+
+
+def visible(text: str) -> str:
+    """Text as compared on screen: control characters (which the random-weight model emits, and
+    browsers drop or show differently) removed, whitespace runs collapsed."""
+    text = "".join(ch if ch.isprintable() else " " if ch in "\n\t\r" else "" for ch in text)
+    return " ".join(text.split(" ")).strip()
+
+
+def wait_for_answer(locator, want: str, timeout_s: float = 60) -> None:
+    """Until the streamed answer on the page is the whole expected answer."""
+    deadline = time.monotonic() + timeout_s
+    while visible(locator.inner_text()) != visible(want):
+        assert time.monotonic() < deadline, f"answer on page {locator.inner_text()!r}, expected {want!r}"
+        time.sleep(0.2)
+
+
+def test_upload_ask_and_see_the_answer(tmp_path):
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    from playwright.sync_api import expect, sync_playwright
+
+    from medvl.serve.ui import launch
+
+    vlm = load(build_tiny_model(tmp_path / "m"))
+    # The expected answers, computed before the demo starts: the test must not run the model while
+    # the demo's worker does.
+    ct, us = get_testdata_file("CT_small.dcm"), get_testdata_file("US1_UNCR.dcm")
+    turns: list[tuple[str, str]] = []
+    for q in ("What does the CT show?", "Is there a mass?"):
+        turns.append((q, expected(vlm, turns, q, load_image(ct))))
+    us_question = "Describe the ultrasound."
+    us_answer = expected(vlm, [], us_question, load_image(us))
+    port = free_port()
+    demo = launch(vlm, port=port, max_new_tokens=MAX_NEW_TOKENS)
+    external: list[str] = []
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.on("request", lambda r: external.append(r.url) if "127.0.0.1" not in r.url else None)
+            page.goto(f"http://127.0.0.1:{port}/")
+            expect(page.get_by_text(RESEARCH_ONLY)).to_be_visible()
+
+            page.locator("#upload input[type=file]").set_input_files(ct)
+            expect(page.locator("#preview img")).to_be_visible(timeout=30_000)  # windowed DICOM shown
+
+            bot = page.locator("#chat [data-testid=bot]")
+            question = page.locator("#question textarea")
+            for i, (q, want) in enumerate(turns):
+                question.fill(q)
+                question.press("Enter")
+                expect(bot).to_have_count(i + 1, timeout=60_000)
+                wait_for_answer(bot.last, want)
+            expect(page.locator("#chat [data-testid=user]")).to_have_text([q for q, _ in turns])
+            page.screenshot(path=tmp_path / "ui-ct.png", full_page=True)
+
+            # a new image (colour ultrasound DICOM) starts a new conversation
+            ct_src = page.locator("#preview img").get_attribute("src")
+            page.locator("#upload button[aria-label='Clear']").first.click()
+            page.locator("#upload input[type=file]").set_input_files(us)
+            expect(bot).to_have_count(0, timeout=30_000)
+            # the upload is handled once the preview shows the new image
+            expect(page.locator("#preview img")).to_be_visible(timeout=30_000)
+            expect(page.locator("#preview img")).not_to_have_attribute("src", ct_src, timeout=30_000)
+            question.fill(us_question)
+            question.press("Enter")
+            expect(bot).to_have_count(1, timeout=60_000)
+            wait_for_answer(bot.last, us_answer)
+            page.screenshot(path=tmp_path / "ui-us.png", full_page=True)
+            browser.close()
+    finally:
+        demo.close()
+    assert external == []  # the page asked nothing of the internet
+    assert (tmp_path / "ui-ct.png").stat().st_size > 10_000
+    if os.environ.get("MEDVL_DOCS_SCREENSHOT"):
+        shutil.copy(
+            tmp_path / "ui-ct.png", Path(__file__).resolve().parent.parent / "docs" / "ui-screenshot.png"
+        )
