@@ -7,6 +7,10 @@ import io
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +203,54 @@ def test_resume_after_kill_matches_a_clean_run(synth_card, tmp_path):
     assert not list(out.rglob("*.tmp"))
 
 
+def test_resume_after_sigkill_of_the_cli(tmp_path):
+    """`medvl curate` is SIGKILLed (with its worker processes) once a shard is committed; re-running
+    completes the job and the result equals a clean run's."""
+    rng = np.random.default_rng(5)
+    src = tmp_path / "xray"
+    for c in ("normal", "pneumonia"):
+        (src / c).mkdir(parents=True)
+    n = 300
+    for i in range(n):
+        small = rng.random((12, 12)) * 255
+        img = np.asarray(Image.fromarray(small.astype(np.uint8)).resize((160, 160), Image.BILINEAR))
+        Image.fromarray(img).save(src / ("normal", "pneumonia")[i % 2] / f"{i:04d}.jpg", quality=90)
+    card = write_card(src, name="xray", adapter="folder", modality="X-ray", department="Pulmonary Medicine")
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "medvl.cli", "curate", "--card", str(card), "--out", str(out)]
+    proc = subprocess.Popen(
+        [*cmd, "--workers", "2", "--shard-records", "10"],
+        start_new_session=True,  # its own process group: the kill takes the pool workers too
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        while not list((out / "parts").glob("part-*.json")) and proc.poll() is None:
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert not (out / "report.json").exists()
+    committed = {
+        tuple(k) for p in (out / "parts").glob("part-*.json") for k in json.loads(p.read_text())["items"]
+    }
+    assert 0 < len(committed) < n  # killed mid-run, after at least one commit
+
+    resumed = curate([load_card(card)], out, workers=1, shard_records=10)
+    clean = curate([load_card(card)], tmp_path / "clean", workers=2, shard_records=10)
+    assert resumed["counts"] == clean["counts"] and resumed["counts"]["items"] == n
+    assert_balanced(resumed)
+    key = lambda r: (r["id"], r["sha256"], r["duplicate_of"])  # noqa: E731
+    got = sorted(map(key, records(out, image=False)))
+    assert got == sorted(map(key, records(tmp_path / "clean", image=False)))
+    assert len({r[0] for r in got}) == len(got)  # no record twice
+    items = [
+        tuple(k) for p in (out / "parts").glob("part-*.json") for k in json.loads(p.read_text())["items"]
+    ]
+    assert len(items) == len(set(items)) == n  # every item committed exactly once
+
+
 @pytest.mark.slow  # starting Ray takes ~20 s here
 def test_ray_engine_matches_local(synth_card, tmp_path):
     ray = pytest.importorskip("ray")
@@ -329,6 +381,115 @@ def test_faults_are_quarantined_and_duplicates_counted(tmp_path):
     ]
 
 
+def voc_xml(filename: str, size: tuple[int, int], objects: list[tuple[str, int, int, int, int]]) -> str:
+    objs = "".join(
+        f"<object><name>{n}</name><bndbox><xmin>{a}</xmin><ymin>{b}</ymin><xmax>{c}</xmax><ymax>{d}</ymax>"
+        "</bndbox></object>"
+        for n, a, b, c, d in objects
+    )
+    return (
+        f"<annotation><filename>{filename}</filename><size><width>{size[0]}</width>"
+        f"<height>{size[1]}</height><depth>3</depth></size>{objs}</annotation>"
+    )
+
+
+def test_pascal_voc(tmp_path):
+    rng = np.random.default_rng(1)
+    root = tmp_path / "voc"
+    (root / "Annotations").mkdir(parents=True)
+    (root / "JPEGImages").mkdir()
+    for name in ("ok", "bigger", "outside"):
+        Image.fromarray((rng.random((48, 64, 3)) * 255).astype(np.uint8)).save(
+            root / "JPEGImages" / f"{name}.png"
+        )
+    ann = {
+        "ok": voc_xml("ok.png", (64, 48), [("polyp", 1, 1, 10, 20), ("polyp", 30, 5, 64, 48)]),
+        "bigger": voc_xml("bigger.png", (100, 80), [("polyp", 1, 1, 10, 10)]),  # says 100x80; is 64x48
+        "outside": voc_xml("outside.png", (64, 48), [("polyp", 50, 10, 70, 20)]),  # xmax 70 > 64
+        "missing": voc_xml("nowhere.png", (64, 48), [("polyp", 1, 1, 5, 5)]),
+    }
+    for name, xml in ann.items():
+        (root / "Annotations" / f"{name}.xml").write_text(xml)
+    (root / "Annotations" / "broken.xml").write_text("<annotation><filename>ok.png</filename><size>")
+    card = write_card(
+        root,
+        name="voc",
+        adapter="voc",
+        modality="Endoscopy",
+        original_task="2D detection",
+        department="Gastroenterology and Hepatology",
+    )
+    out = tmp_path / "out"
+    report = curate([load_card(card)], out, workers=1)
+    assert_balanced(report)
+    (rec,) = records(out)
+    assert rec["id"] == "voc/JPEGImages/ok.png" and rec["labels"] == ["polyp"]
+    assert json.loads(rec["meta"]) == {"annotation": "Annotations/ok.xml"}
+    # VOC corners are 1-based inclusive: (1, 1, 10, 20) covers pixels 0..9 x 0..19.
+    assert [(b["x_min"], b["y_min"], b["x_max"], b["y_max"]) for b in rec["boxes"]] == [
+        (0, 0, 10, 20),
+        (29, 4, 64, 48),
+    ]
+    q = {Path(e["file"]).name: e for e in quarantine(out)}
+    assert set(q) == {"bigger.xml", "outside.png", "missing.xml", "broken.xml"}
+    assert q["bigger.xml"]["field"] == "size" and "(100, 80)" in q["bigger.xml"]["problem"]
+    assert q["outside.png"]["field"] == "boxes" and "outside the 64x48 image" in q["outside.png"]["problem"]
+    assert "JPEGImages/nowhere.png not found" in q["missing.xml"]["problem"]
+    assert "malformed VOC annotation" in q["broken.xml"]["problem"]
+
+
+def test_label_tables_csv_and_json(tmp_path):
+    root = tmp_path / "fundus"
+    (root / "img").mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    for i in range(3):
+        Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)).save(root / "img" / f"{i}.png")
+    (root / "labels.csv").write_text(
+        "file,diagnosis\n0.png,glaucoma\n1.png,cataract|myopia\n2.png,\nmissing.png,normal\n"
+    )
+    (root / "labels.json").write_text(
+        json.dumps(
+            [{"file": "0.png", "diagnosis": ["glaucoma", "myopia"]}, {"file": "gone.png", "diagnosis": "x"}]
+        )
+    )
+    common = dict(
+        modality="Fundus Photography",
+        department="Ophthalmology",
+        dedup={"exact": "keep", "near": "keep"},
+    )
+    csv_opts = {"file": "labels.csv", "image_column": "file", "label_column": "diagnosis", "separator": "|"}
+    csv_card = write_card(
+        root, name="fundus-csv", adapter="table", options={**csv_opts, "images_dir": "img"}, **common
+    )
+    json_opts = {**csv_opts, "file": "labels.json"}
+    json_card = write_card(
+        root, name="fundus-json", adapter="table", options={**json_opts, "images_dir": "img"}, **common
+    )
+    out = tmp_path / "out"
+    report = curate([load_card(csv_card), load_card(json_card)], out, workers=1)
+    assert_balanced(report)
+    got = {r["id"]: r["labels"] for r in records(out, image=False)}
+    assert got == {
+        "fundus-csv/img/0.png": ["glaucoma"],
+        "fundus-csv/img/1.png": ["cataract", "myopia"],
+        "fundus-json/img/0.png": ["glaucoma", "myopia"],
+    }
+    q = {(e["source"], e["file"]): e for e in quarantine(out)}
+    assert set(q) == {
+        ("fundus-csv", "labels.csv#2"),
+        ("fundus-csv", "labels.csv#3"),
+        ("fundus-json", "labels.json#1"),
+    }
+    assert "empty label" in q[("fundus-csv", "labels.csv#2")]["problem"]
+    assert "image img/missing.png not found" in q[("fundus-csv", "labels.csv#3")]["problem"]
+    # A column the table does not have is a card error: the run stops and names file and column.
+    bad = write_card(
+        root, name="fundus-bad", adapter="table", options={**csv_opts, "label_column": "dx"}, **common
+    )
+    with pytest.raises(ValueError, match=r"labels.csv: no column 'dx' \(columns: file, diagnosis\)"):
+        curate([load_card(bad)], tmp_path / "bad", workers=1)
+
+
 def test_mask_boxes_and_iou_units():
     lab = np.zeros((10, 12), np.uint8)
     lab[1:3, 1:4] = 1
@@ -349,24 +510,152 @@ def test_mask_boxes_and_iou_units():
 # ---------------------------------------------------------------- DICOM privacy and shipped samples
 
 
+PHI = {
+    "PatientName": "Quixotic^Zebulon",
+    "PatientID": "PID-7731-XQ",
+    "PatientBirthDate": "19230517",
+    "PatientAddress": "42 Nowhere Lane Fakeville",
+    "InstitutionName": "Saint Imaginary Hospital",
+    "ReferringPhysicianName": "Drofnats^Ulysses",
+    "AccessionNumber": "ACC99887766",
+    "StudyDate": "20991231",
+    "StudyInstanceUID": "1.2.826.0.1.3680043.99.123456789",
+    "OtherPatientIDs": "ALTID-5550001",
+}
+
+
+def assert_no_phi(out: Path, *texts: str) -> None:
+    """No identifier, in any spelling pydicom or a log could give it, in any output byte or text."""
+    blobs = [p.read_bytes() for p in out.rglob("*") if p.is_file()] + [t.encode() for t in texts]
+    for v in PHI.values():
+        for needle in {v, v.replace("^", " "), v.split("^")[0]}:
+            assert not any(needle.encode() in b for b in blobs), needle
+
+
+def write_ct_series(
+    folder: Path, hu: np.ndarray, spacing_rc: tuple[float, float], thickness: float, seed: int
+):
+    """One uint16 file per slice with a rescale slope/intercept, in an orientation that is *not* LPS:
+    rows run towards the patient's right (IOP [-1, 0, 0, 0, 1, 0]), so stored columns are mirrored and
+    the slice normal points down; file names are a shuffled order of the slices."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True)
+    d, h, w = hu.shape
+    order = np.random.default_rng(seed).permutation(d)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    for k in range(d):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = uid = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        for kw, v in PHI.items():
+            setattr(ds, kw, v)
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, uid
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.Modality, ds.BodyPartExamined, ds.InstanceNumber = "CT", "ABDOMEN", int(order[k]) + 1
+        ds.ImageOrientationPatient = [-1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [(w - 1) * spacing_rc[1], 0.0, k * thickness]
+        ds.PixelSpacing, ds.SliceThickness = list(spacing_rc), thickness
+        ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = h, w, 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.RescaleSlope, ds.RescaleIntercept = 0.5, -1024
+        ds.PixelData = ((hu[k, :, ::-1].astype(np.int32) + 1024) * 2).astype(np.uint16).tobytes()
+        ds.save_as(folder / f"{order[k]:03d}.dcm", enforce_file_format=True)
+
+
+def test_dicom_series_with_label_volume(tmp_path, capfd):
+    import SimpleITK as sitk
+
+    from medvl.synth.phantom import LABELS, make_phantom, window_named
+
+    rng = np.random.default_rng(3)
+    p = make_phantom("abdomen", (10, 48, 40), rng, lesion=True)
+    # Two slices of unlabelled (noisy) soft tissue above the organs: the negatives a scan has.
+    tissue = (40 + rng.normal(0, 15, (2, 48, 40))).astype(np.int16)
+    hu = np.clip(np.concatenate([p.hu, tissue]), -1024, None)  # stored as unsigned with intercept -1024
+    lab = np.concatenate([p.labels, np.zeros((2, 48, 40), np.uint8)])
+    spacing_rc, thickness = (0.8, 0.4), 2.5  # rows 0.8 mm apart, columns 0.4 mm: not square
+    root = tmp_path / "ct"
+    write_ct_series(root / "abd" / "case01", hu, spacing_rc, thickness, seed=0)
+    label_img = sitk.GetImageFromArray(lab)  # LPS, origin at the first voxel: the series' own grid
+    label_img.SetSpacing((spacing_rc[1], spacing_rc[0], thickness))
+    sitk.WriteImage(label_img, str(root / "abd" / "case01_seg.nii.gz"))
+    # Bad copies: a label volume on another grid; a series folder with a file that is not DICOM.
+    shutil.copytree(root / "abd" / "case01", root / "abd" / "case02")
+    label_img.SetSpacing((1.0, 1.0, 1.0))
+    sitk.WriteImage(label_img, str(root / "abd" / "case02_seg.nii.gz"))
+    shutil.copytree(root / "abd" / "case01", root / "abd" / "case03")
+    shutil.copy(root / "abd" / "case01_seg.nii.gz", root / "abd" / "case03_seg.nii.gz")
+    (root / "abd" / "case03" / "999.dcm").write_bytes(b"not dicom" * 50)
+    card = write_card(
+        root,
+        name="ctseries",
+        adapter="dicom",
+        modality=None,
+        department_by_region={"Abdomen": "Gastroenterology and Hepatology"},
+        department=None,
+        original_task="3D segmentation",
+        clinical_task="Organ Recognition",
+        label_names=LABELS,
+        dedup={"exact": "drop", "near": "keep"},
+        options={"series": True, "labels": "{dir}/{name}_seg.nii.gz", "slices_per_label": 3, "negatives": 2},
+    )
+    out = tmp_path / "out"
+    report = curate([load_card(card)], out, workers=1)
+    assert_balanced(report)
+    recs = sorted(records(out), key=lambda r: r["index"])
+    q = {e["file"]: e for e in quarantine(out)}
+    assert set(q) == {"abd/case02_seg.nii.gz", "abd/case03"} and len(recs) == report["counts"]["kept"]
+    assert (
+        "label spacing [1.0, 1.0, 1.0] mm != image [0.4, 0.8, 2.5] mm"
+        in q["abd/case02_seg.nii.gz"]["problem"]
+    )
+    assert "1 of 13 files are not part of the series" in q["abd/case03"]["problem"]
+    assert {r["id"] for r in recs} == {f"ctseries/abd/case01#slice{r['index']}" for r in recs}
+    names = {int(v): LABELS[int(v)] for v in np.unique(lab) if v}
+    assert {x for r in recs for x in r["labels"]} == set(names.values())  # every structure is shown
+    assert {10, 11} <= {r["index"] for r in recs}  # the two label-free slices are the negatives
+    for r in recs:
+        k, meta = r["index"], json.loads(r["meta"])
+        assert r["modality"] == "CT" and r["body_region"] == "Abdomen"
+        assert meta["ct_window"] == "abdomen" and meta["axis"] == "axial"
+        assert meta["spacing_mm"] == list(spacing_rc) and meta["RescaleSlope"] == 0.5
+        # Square pixels: 48 rows of 0.8 mm become 96 of 0.4 mm; columns stay.
+        assert (r["height"], r["width"]) == (96, 40)
+        img = np.asarray(Image.open(io.BytesIO(r["image"]["bytes"]))).astype(float)
+        # Slice k is phantom slice k, upright and not mirrored (rescale applied, file order ignored).
+        want = window_named(hu[k], "abdomen").astype(float)
+        assert np.abs(img[::2] - want).mean() < 4
+        # Boxes: per label, their union is the label's extent in slice k, rows scaled by 2 (nearest).
+        assert set(r["labels"]) == {names[int(v)] for v in np.unique(lab[k]) if v}
+        for v in np.unique(lab[k])[1:]:
+            ys, xs = np.nonzero(lab[k] == v)
+            bs = [b for b in r["boxes"] if b["label"] == names[int(v)]]
+            got = (min(b["x_min"] for b in bs), min(b["y_min"] for b in bs))
+            got += (max(b["x_max"] for b in bs), max(b["y_max"] for b in bs))
+            assert got == (xs.min(), 2 * ys.min(), xs.max() + 1, 2 * ys.max() + 2)
+    # Radiological view: the liver (patient's right) on the image's left, the spleen on its right.
+    centre = lambda r, label: [(b["x_min"] + b["x_max"]) / 2 for b in r["boxes"] if b["label"] == label]  # noqa: E731
+    assert all(x < 20 for r in recs for x in centre(r, "liver")) and any(centre(r, "liver") for r in recs)
+    assert all(x > 20 for r in recs for x in centre(r, "spleen")) and any(centre(r, "spleen") for r in recs)
+    captured = capfd.readouterr()
+    assert_no_phi(out, captured.out, captured.err)
+    meta = json.loads(recs[0]["meta"])
+    assert "PatientName" not in meta and "InstitutionName" not in meta
+    assert meta["StudyInstanceUID"] != PHI["StudyInstanceUID"]
+
+
 def test_dicom_identifiers_never_reach_the_output(tmp_path):
     import pydicom
     from pydicom.data import get_testdata_file
 
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    phi = {
-        "PatientName": "Quixotic^Zebulon",
-        "PatientID": "PID-7731-XQ",
-        "PatientBirthDate": "19230517",
-        "PatientAddress": "42 Nowhere Lane Fakeville",
-        "InstitutionName": "Saint Imaginary Hospital",
-        "ReferringPhysicianName": "Drofnats^Ulysses",
-        "AccessionNumber": "ACC99887766",
-        "StudyDate": "20991231",
-        "StudyInstanceUID": "1.2.826.0.1.3680043.99.123456789",
-        "OtherPatientIDs": "ALTID-5550001",
-    }
-    for k, v in phi.items():
+    for k, v in PHI.items():
         setattr(ds, k, v)
     folder = tmp_path / "dicom"
     folder.mkdir()
@@ -385,12 +674,7 @@ def test_dicom_identifiers_never_reach_the_output(tmp_path):
     rec = records(out)[0]
     assert rec["modality"] == "CT" and json.loads(rec["meta"])["Modality"] == "CT"
     # Raw bytes of every output file, and every decoded value (Parquet pages are compressed).
-    blobs = [p.read_bytes() for p in out.rglob("*") if p.is_file()]
-    text = json.dumps({k: v for k, v in rec.items() if k != "image"}, default=str)
-    for v in phi.values():
-        for needle in {v, v.replace("^", " "), v.split("^")[0]}:
-            assert needle not in text
-            assert not any(needle.encode() in b for b in blobs), needle
+    assert_no_phi(out, json.dumps({k: v for k, v in rec.items() if k != "image"}, default=str))
 
 
 def test_shipped_dicom_and_nifti_samples(tmp_path):
@@ -415,15 +699,57 @@ def test_shipped_dicom_and_nifti_samples(tmp_path):
 # ---------------------------------------------------------------- video
 
 
+def endoscopy_frames(n: int, h: int = 80, w: int = 96, seed: int = 0) -> list[np.ndarray]:
+    """Reddish mucosa under a vignette, with a bright polyp drifting 3 px right per frame (so a kept
+    frame's index can be read back from its pixels, through lossy coding)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    tissue = np.kron(rng.random((h // 8, w // 8)), np.ones((8, 8)))
+    vignette = np.clip(1.2 - np.hypot(yy - h / 2, xx - w / 2) / (0.6 * w), 0, 1)[..., None]
+    base = np.stack([150 + 60 * tissue, 60 + 30 * tissue, 70 + 30 * tissue], -1) * vignette
+    frames = []
+    for i in range(n):
+        f = base.copy()
+        f[np.hypot(yy - h / 2, xx - (12 + 3 * i)) < 6] = (250, 235, 225)
+        frames.append(f.astype(np.uint8))
+    return frames
+
+
+def polyp_frame_index(img: np.ndarray) -> int:
+    cols = np.nonzero((img.astype(int).sum(-1) > 650).any(axis=0))[0]
+    return round((cols.mean() - 12) / 3)
+
+
+def write_mp4(path: Path, frames: list[np.ndarray], fps: int, faststart: bool = False) -> None:
+    import av
+
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    with av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {}) as c:
+        s = c.add_stream(codec, rate=fps)
+        s.width, s.height, s.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+        for f in frames:
+            c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        c.mux(s.encode())  # flush
+
+
 def test_video_frames_at_rate(tmp_path):
     clips = tmp_path / "clips"
     (clips / "polyp").mkdir(parents=True)
-    frames = [Image.fromarray(np.full((32, 48, 3), 20 * i, np.uint8)) for i in range(10)]
-    frames[0].save(clips / "polyp" / "a.gif", save_all=True, append_images=frames[1:], duration=200, loop=0)
-    (clips / "polyp" / "b").mkdir()
-    for i, f in enumerate(frames[:6]):
-        f.save(clips / "polyp" / "b" / f"{i:03d}.png")
-    (clips / "polyp" / "c.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    (clips / "normal").mkdir()
+    frames = endoscopy_frames(20)
+    # MP4 (PyAV): 2 s at 10 fps, with the index (moov) at the end and, for the second, at the start.
+    write_mp4(clips / "polyp" / "a.mp4", frames, fps=10)
+    write_mp4(clips / "normal" / "f.mp4", frames[::-1], fps=10, faststart=True)
+    for name in ("a", "f"):
+        src = next(clips.glob(f"*/{name}.mp4"))
+        src.with_name(f"{name}_truncated.mp4").write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    (clips / "polyp" / "junk.avi").write_bytes(b"RIFF\x00\x00\x00\x00AVI junk")
+    # GIF at 200 ms a frame, and a folder of frames (no timing: source_fps).
+    small = [Image.fromarray(f[::2, ::2]) for f in frames[:10]]
+    small[0].save(clips / "polyp" / "b.gif", save_all=True, append_images=small[1:], duration=200, loop=0)
+    (clips / "polyp" / "c").mkdir()
+    for i, f in enumerate(small[:6]):
+        f.save(clips / "polyp" / "c" / f"{i:03d}.png")
     card = write_card(
         clips,
         name="endo",
@@ -439,14 +765,25 @@ def test_video_frames_at_rate(tmp_path):
     assert_balanced(report)
     by_clip: dict[str, list] = {}
     for r in records(out):
-        by_clip.setdefault(r["file"], []).append(r["index"])
-        assert r["labels"] == ["polyp"] and r["index_kind"] == "frame"
+        by_clip.setdefault(r["file"], []).append(r)
+        assert r["labels"] == [r["file"].split("/")[0]] and r["index_kind"] == "frame"
+    # 10 fps sampled at 2 fps: frames 0, 5, 10, 15 (0 .. 1.5 s), read back from the polyp's position.
+    for clip, order in (("polyp/a.mp4", range(20)), ("normal/f.mp4", range(19, -1, -1))):
+        kept = sorted(by_clip[clip], key=lambda r: r["index"])
+        assert [r["index"] for r in kept] == [0, 5, 10, 15]
+        assert [json.loads(r["meta"])["time_s"] for r in kept] == [0.0, 0.5, 1.0, 1.5]
+        decoded = [np.asarray(Image.open(io.BytesIO(r["image"]["bytes"]))) for r in kept]
+        assert [polyp_frame_index(d) for d in decoded] == [order[i] for i in (0, 5, 10, 15)]
+        assert decoded[0].shape == (80, 96, 3)
     # GIF: 200 ms a frame; at 2 fps the frame on screen at 0, .5, 1, 1.5 s. Folder: 5 fps, 6 frames.
-    expected_gif = sorted({int(t / 0.2 + 1e-9) for t in np.arange(0, 1.8 + 1e-9, 0.5)})
-    assert sorted(by_clip["polyp/a.gif"]) == expected_gif
-    assert sorted(by_clip["polyp/b"]) == sorted({int(t * 5 + 1e-9) for t in np.arange(0, 1.0 + 1e-9, 0.5)})
-    (mp4,) = quarantine(out)
-    assert mp4["file"] == "polyp/c.mp4" and "decoder" in mp4["problem"]
+    assert sorted(r["index"] for r in by_clip["polyp/b.gif"]) == [0, 2, 5, 7]
+    assert sorted(r["index"] for r in by_clip["polyp/c"]) == [0, 2, 5]
+    q = {e["file"]: e for e in quarantine(out)}
+    assert set(q) == {"polyp/a_truncated.mp4", "normal/f_truncated.mp4", "polyp/junk.avi"}
+    assert "not a readable video" in q["polyp/a_truncated.mp4"]["problem"]  # its index never arrived
+    assert "truncated" in q["normal/f_truncated.mp4"]["problem"]  # index first, frames cut off
+    assert "not a readable video" in q["polyp/junk.avi"]["problem"]
+    assert not any("truncated" in f or "junk" in f for f in by_clip)  # quarantined whole, no frames kept
 
 
 def test_cli(tmp_path, synth_card):

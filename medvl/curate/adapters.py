@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import warnings
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import ImageSequence
+from pydantic import Field
 
 from medvl.vocab import BODY_REGIONS
 
@@ -21,12 +23,13 @@ from .card import Strict
 from .images import (
     WINDOW_BY_REGION,
     CurationError,
+    as_label_array,
     ct_window,
     mask_boxes,
     normalise_percentile,
     open_image,
-    present_values,
     resize_spacing,
+    slice_presence,
     to_display,
 )
 
@@ -108,7 +111,17 @@ class LabelTable:
     @staticmethod
     def items(card, opts, root: Path) -> list[dict]:
         path = root / opts.file
-        rows = json.loads(path.read_text()) if path.suffix == ".json" else list(csv.DictReader(path.open()))
+        if path.suffix.lower() == ".json":
+            rows = json.loads(path.read_text())
+            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                raise ValueError(f"{path}: expected a JSON list of objects, one per image")
+        else:
+            with path.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+        # A column the card names but the table lacks is a card error for every row: stop, do not quarantine.
+        for col in (opts.image_column, opts.label_column):
+            if rows and col not in rows[0]:
+                raise ValueError(f"{path}: no column {col!r} (columns: {', '.join(map(str, rows[0]))})")
         items = []
         for n, row in enumerate(rows):
             rel = (Path(opts.images_dir) / str(row.get(opts.image_column, ""))).as_posix()
@@ -185,13 +198,15 @@ class PascalVoc:
             tree = ET.parse(root / item["id"]).getroot()
             fname = tree.findtext("filename")
             size = (int(tree.findtext("size/width")), int(tree.findtext("size/height")))
+            # VOC corners are 1-based and inclusive: pixel column 1 is the first; records are 0-based with
+            # exclusive maxima, so only the minima move.
             boxes = [
                 dict(
                     label=o.findtext("name"),
-                    **{
-                        k: float(o.findtext(f"bndbox/{k.replace('_', '')}"))
-                        for k in ("x_min", "y_min", "x_max", "y_max")
-                    },
+                    x_min=float(o.findtext("bndbox/xmin")) - 1,
+                    y_min=float(o.findtext("bndbox/ymin")) - 1,
+                    x_max=float(o.findtext("bndbox/xmax")),
+                    y_max=float(o.findtext("bndbox/ymax")),
                 )
                 for o in tree.iter("object")
             ]
@@ -323,28 +338,46 @@ class VolumeOptions(Strict):
     region_from_parent: bool = False  # body region = parent folder name (mapped by body_region_map)
 
 
-def _orient(img, axis: str) -> np.ndarray:
-    """SimpleITK image -> [slice, row, col] array for the axis; LPS so rows run anterior->posterior and
-    columns patient right->left (radiological view); coronal/sagittal are flipped so the head is up."""
+def _lps(img):
+    """Reorient to LPS (no-op, and no copy, when it already is): rows then run anterior->posterior and
+    columns patient right->left (radiological view), slices inferior->superior."""
     import SimpleITK as sitk
 
-    if img.GetDirection() != (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0):  # already LPS: skip the resample
-        img = sitk.DICOMOrient(img, "LPS")
-    a = sitk.GetArrayFromImage(img)  # [S(inferior->superior), P, L]
+    if img.GetDirection() == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0):
+        return img
+    return sitk.DICOMOrient(img, "LPS")
+
+
+def _slices(img, axis: str) -> tuple[np.ndarray, tuple[float, float]]:
+    """An LPS SimpleITK image -> ([slice, row, col] array, in-plane (row, col) spacing) for the axis;
+    coronal and sagittal are flipped so the head is up."""
+    import SimpleITK as sitk
+
+    a = sitk.GetArrayFromImage(img)  # [S, P, L]
+    sx, sy, sz = img.GetSpacing()
     if axis == "axial":
-        return a
+        return a, (sy, sx)
     if axis == "coronal":
-        return np.ascontiguousarray(a.transpose(1, 0, 2)[:, ::-1])
+        return np.ascontiguousarray(a.transpose(1, 0, 2)[:, ::-1]), (sz, sx)
     if axis == "sagittal":
-        return np.ascontiguousarray(a.transpose(2, 0, 1)[:, ::-1])
+        return np.ascontiguousarray(a.transpose(2, 0, 1)[:, ::-1]), (sz, sy)
     raise CurationError("<card>", "options.axis", f"unknown axis {axis!r}")
 
 
-def _slice_spacing(img, axis: str) -> tuple[float, float]:
-    import SimpleITK as sitk
-
-    sx, sy, sz = sitk.DICOMOrient(img, "LPS").GetSpacing()
-    return {"axial": (sy, sx), "coronal": (sz, sx), "sagittal": (sz, sy)}[axis]
+def _check_grid(img, lab, lrel: str) -> None:
+    """A label volume must lie on its image's voxel grid (both already LPS): same size and spacing, and
+    origins within half a voxel (headers written by different tools differ in the last digits)."""
+    size, lsize = img.GetSize(), lab.GetSize()
+    if size != lsize:
+        raise CurationError(lrel, "labels", f"label volume is {lsize} voxels, its image is {size}")
+    sp, lsp = np.array(img.GetSpacing()), np.array(lab.GetSpacing())
+    if not np.allclose(sp, lsp, rtol=1e-3):
+        raise CurationError(
+            lrel, "labels", f"label spacing {lsp.round(4).tolist()} mm != image {sp.round(4).tolist()} mm"
+        )
+    shift = np.abs(np.array(img.GetOrigin()) - np.array(lab.GetOrigin()))
+    if (shift > sp / 2).any():
+        raise CurationError(lrel, "labels", f"label volume is shifted by {shift.round(2).tolist()} mm")
 
 
 def choose_slices(
@@ -353,45 +386,44 @@ def choose_slices(
     """Slices containing each labelled structure (evenly spaced over its extent) plus a few negatives."""
     if labels is None:
         return sorted({int(i) for i in np.linspace(0, n - 1, min(n, unlabelled)).round()})
+
+    def spread(idx: np.ndarray, k: int) -> set[int]:
+        return {int(idx[int(i)]) for i in np.linspace(0, len(idx) - 1, min(len(idx), k)).round()}
+
+    _, present = slice_presence(labels)
     chosen: set[int] = set()
-    flat = labels.reshape(n, -1)
-    for value in present_values(flat):
-        idx = np.nonzero((flat == value).any(axis=1))[0]
-        chosen.update(
-            int(idx[int(i)]) for i in np.linspace(0, len(idx) - 1, min(len(idx), per_label)).round()
-        )
-    empty = np.nonzero(~flat.any(axis=1))[0]
+    for column in present.T:
+        chosen |= spread(np.nonzero(column)[0], per_label)
+    empty = np.nonzero(~present.any(axis=1))[0]
     if len(empty) and negatives:
-        chosen.update(
-            int(empty[int(i)]) for i in np.linspace(0, len(empty) - 1, min(len(empty), negatives)).round()
-        )
+        chosen |= spread(empty, negatives)
     return sorted(chosen)
 
 
 def slice_volume(
-    card, opts, img, lab, rel: str, modality: str, region: str | None, meta: dict
+    card, opts, img, lab, lrel: str | None, rel: str, modality: str, region: str | None, meta: dict
 ) -> Iterator[Sample]:
-    vol = _orient(img, opts.axis)
+    """Slices of one volume (and its label volume `lab`, file `lrel`, or None) as 2D samples."""
+    if img.GetDimension() != 3:
+        raise CurationError(rel, "image", f"expected a 3D volume, got {img.GetDimension()}D {img.GetSize()}")
+    img = _lps(img)
+    vol, spacing = _slices(img, opts.axis)
     labels = None
     if lab is not None:
-        labels = _orient(lab, opts.axis)
-        if labels.shape != vol.shape:
-            raise CurationError(rel, "labels", f"label volume is {labels.shape}, image volume is {vol.shape}")
-    if vol.ndim != 3 or min(vol.shape) < 1:
-        raise CurationError(rel, "image", f"expected a 3D volume, got shape {vol.shape}")
-    spacing = _slice_spacing(img, opts.axis)
+        lab = _lps(lab)
+        _check_grid(img, lab, lrel)
+        labels = as_label_array(_slices(lab, opts.axis)[0], lrel)
     if modality == "CT":
         window = _window(card, region)
         meta = {**meta, "ct_window": window}
     else:  # MR and others have no absolute scale: one percentile range per volume
         ref = vol[:: max(1, vol.shape[0] // 16)].astype(np.float32)
+    meta = {**meta, "axis": opts.axis, "spacing_mm": [float(s) for s in spacing]}
     for k in choose_slices(
         labels, vol.shape[0], opts.slices_per_label, opts.negatives, opts.unlabelled_slices
     ):
         px = ct_window(vol[k], window) if modality == "CT" else normalise_percentile(vol[k], ref=ref)
-        px, lk = resize_spacing(
-            px, spacing, card.max_side, None if labels is None else labels[k].astype(np.uint8)
-        )
+        px, lk = resize_spacing(px, spacing, card.max_side, None if labels is None else labels[k])
         boxes = [] if lk is None else mask_boxes(lk, card.label_names)
         yield Sample(
             px,
@@ -402,7 +434,7 @@ def slice_volume(
             boxes=boxes,
             modality=modality,
             body_region=region,
-            meta={**meta, "axis": opts.axis, "spacing_mm": list(spacing)},
+            meta=meta,
         )
 
 
@@ -432,6 +464,15 @@ def _read_volume(path: Path, rel: str, field: str):
     return img
 
 
+def _label_volume(opts, root: Path, rel: str):
+    if not opts.labels:
+        return None, None
+    lrel = _label_path(opts.labels, rel)
+    if not (root / lrel).is_file():
+        raise CurationError(rel, "labels", f"label volume {lrel} not found")
+    return _read_volume(root / lrel, lrel, "labels"), lrel
+
+
 @register("nifti")
 class Nifti:
     """NIfTI (or any SimpleITK-readable) volumes with optional label volumes -> 2D slices."""
@@ -452,14 +493,9 @@ class Nifti:
         if card.modality is None:
             raise CurationError(rel, "modality", "NIfTI carries no modality; set `modality` in the card")
         img = _read_volume(root / rel, rel, "image")
-        lab = None
-        if opts.labels:
-            lrel = _label_path(opts.labels, rel)
-            if not (root / lrel).is_file():
-                raise CurationError(rel, "labels", f"label volume {lrel} not found")
-            lab = _read_volume(root / lrel, lrel, "labels")
+        lab, lrel = _label_volume(opts, root, rel)
         region = Path(rel).parent.name if opts.region_from_parent else None
-        yield from slice_volume(card, opts, img, lab, rel, card.modality, region, {})
+        yield from slice_volume(card, opts, img, lab, lrel, rel, card.modality, region, {})
 
 
 @register("dicom")
@@ -489,21 +525,32 @@ class Dicom:
         if opts.series:
             import SimpleITK as sitk
 
-            files = sorted((root / rel).glob(Path(opts.images).name))
-            ds = deidentify(pydicom.dcmread(files[0], stop_before_pixels=True))
-            reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(root / rel)))
+            folder = str(root / rel)
+            series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
+            if len(series) != 1:
+                raise CurationError(
+                    rel, "series", f"expected one DICOM series in the folder, found {len(series)}"
+                )
+            # GDCM sorts the files by ImagePositionPatient along the slice normal, whatever their names.
+            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series[0])
+            n_files = len(list((root / rel).glob(Path(opts.images).name)))
+            if len(files) != n_files:
+                raise CurationError(
+                    rel, "series", f"{n_files - len(files)} of {n_files} files are not part of the series"
+                )
             try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    ds = deidentify(pydicom.dcmread(files[0], stop_before_pixels=True))
+                reader = sitk.ImageSeriesReader()  # pixels only: it keeps no header (its default)
+                reader.SetFileNames(files)
                 img = reader.Execute()
-            except RuntimeError:
-                raise CurationError(rel, "series", "SimpleITK could not assemble the series") from None
-            lab = None
-            if opts.labels:
-                lrel = _label_path(opts.labels, rel)
-                lab = _read_volume(root / lrel, lrel, "labels")
+            except (InvalidDicomError, OSError, ValueError, RuntimeError) as e:
+                raise CurationError(rel, "series", f"cannot read the series ({type(e).__name__})") from None
+            lab, lrel = _label_volume(opts, root, rel)
             modality = card.modality or str(ds.get("Modality", ""))
             yield from slice_volume(
-                card, opts, img, lab, rel, modality, _region(card, ds), technical_meta(ds)
+                card, opts, img, lab, lrel, rel, modality, _region(card, ds), technical_meta(ds)
             )
             return
         try:
@@ -540,7 +587,10 @@ class Dicom:
         spacing = spacing if min(spacing) > 0 else [1.0, 1.0]  # some files carry 0.0: treat as unknown
         region = _region(card, ds)
         ref = None if samples > 1 or modality == "CT" else arr[:: max(1, len(arr) // 16)]
-        for k, fr in enumerate(arr):
+        # A multi-frame file (cine, enhanced CT/MR) carries no labels: like an unlabelled volume, it gives
+        # `unlabelled_slices` evenly spaced frames rather than every one of its (often hundreds of) frames.
+        for k in choose_slices(None, len(arr), 0, 0, opts.unlabelled_slices):
+            fr = arr[k]
             if samples > 1:
                 px = np.asarray(fr if fr.dtype == np.uint8 else normalise_percentile(fr), np.uint8)
             elif modality == "CT":
@@ -603,17 +653,21 @@ DICOM_BODY_PARTS = {
 # ---------------------------------------------------------------- video
 
 
+VIDEO_EXTS = {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv"}
+
+
 @register("video")
 class Video:
-    """Clips as animated GIF, multi-frame TIFF or a folder of frames -> frames at `fps`. Labels are the
-    clip's (its parent folder name, folder-per-class). MP4/AVI need a video decoder (PyAV), which this
-    install does not have: such files are quarantined with that reason."""
+    """Clips -> frames at `fps`, with the clip's labels (its parent folder name, folder-per-class). MP4,
+    AVI, MOV, MKV, WebM, MPEG are decoded with PyAV (FFmpeg); animated GIF / multi-frame TIFF with
+    Pillow; a folder of frame images is a clip at `source_fps`. A clip is kept whole or quarantined
+    whole: an unreadable or truncated clip yields no frames."""
 
     class Options(Strict):
         clips: str = "*/*"
-        fps: float = 1.0  # frames kept per second of video
-        source_fps: float = 25.0  # for frame folders and TIFF stacks, which carry no timing
-        max_frames: int = 64
+        fps: float = Field(1.0, gt=0)  # frames kept per second of video
+        source_fps: float = Field(25.0, gt=0)  # for frame folders and TIFF stacks, which carry no timing
+        max_frames: int = Field(64, ge=1)
         label_from_parent: bool = True
 
     @staticmethod
@@ -627,33 +681,95 @@ class Video:
         rel = item["id"]
         path = root / rel
         labels = [Path(rel).parent.name] if opts.label_from_parent else []
+        suffix = path.suffix.lower()
         if path.is_dir():
-            frames = [(f, None) for f in sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)]
-        elif path.suffix.lower() in (".gif", ".tif", ".tiff", ".webp", ".png"):
-            frames = None
-        else:
-            raise CurationError(rel, "file", f"{path.suffix} video needs a decoder (PyAV), not installed")
-        if frames is None:
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+            timed = ((i / opts.source_fps, f) for i, f in enumerate(files))
+            pick = lambda f: to_display(open_image(f, f"{rel}/{f.name}", card.max_pixels))  # noqa: E731
+        elif suffix in VIDEO_EXTS:
+            timed = _av_frames(path, rel, card.max_pixels)
+            pick = lambda fr: fr.to_ndarray(format="rgb24")  # noqa: E731
+        elif suffix in (".gif", ".tif", ".tiff", ".webp", ".png"):
             im = open_image(path, rel, card.max_pixels)
-            times, t = [], 0.0
-            for fr in ImageSequence.Iterator(im):
-                times.append(t)
-                t += (fr.info.get("duration") or 1000.0 / opts.source_fps) / 1000.0
-        else:
-            times = [i / opts.source_fps for i in range(len(frames))]
-        if not times:
-            raise CurationError(rel, "frames", "clip has no frames")
-        # The frame shown at each sampling instant k / fps.
-        want = np.arange(0.0, times[-1] + 1e-9, 1.0 / opts.fps)[: opts.max_frames]
-        keep = sorted({int(np.searchsorted(times, w, side="right") - 1) for w in want})
-        for k in keep:
-            if frames is None:
+            timed = list(_still_frames(im, opts.source_fps))  # all times first: `pick` seeks
+
+            def pick(k: int) -> np.ndarray:
                 im.seek(k)
-                px = to_display(im.convert("RGB"))
-            else:
-                frel = (Path(rel) / frames[k][0].name).as_posix()
-                px = to_display(open_image(frames[k][0], frel, card.max_pixels))
-            yield Sample(px, rel, k, "frame", labels=labels, meta={"time_s": round(times[k], 3)})
+                return to_display(im.convert("RGB"))
+        else:
+            raise CurationError(
+                rel, "file", f"not a video format this adapter reads ({suffix or 'no suffix'})"
+            )
+        chosen = [(k, t, pick(fr)) for k, t, fr in at_rate(timed, opts.fps, opts.max_frames)]
+        if not chosen:
+            raise CurationError(rel, "frames", "clip has no frames")
+        for k, t, px in chosen:
+            yield Sample(px, rel, k, "frame", labels=labels, meta={"time_s": round(t, 3)})
+
+
+def at_rate(frames: Iterable[tuple[float, object]], fps: float, max_frames: int) -> Iterator[tuple]:
+    """From (time in s, frame) pairs in presentation order, the frame on screen at each instant
+    t0 + k / fps (t0: the first frame's time) up to the last frame's time, at most `max_frames` of them,
+    as (frame index, time, frame). Reading stops once they are chosen: a long clip is not decoded to its
+    end."""
+    eps = 1e-6
+    k, n, t0, prev = 0, 0, None, None
+    for i, (t, fr) in enumerate(frames):
+        if t0 is None:
+            t0 = t
+        elif t0 + k / fps < t - eps:  # instant k falls while the previous frame is on screen
+            yield prev
+            n += 1
+            if n == max_frames:
+                return
+            k = max(k + 1, math.ceil((t - t0 - eps) * fps))
+        prev = (i, t, fr)
+    if prev is not None and t0 + k / fps <= prev[1] + eps:
+        yield prev
+
+
+def _still_frames(im, source_fps: float) -> Iterator[tuple[float, int]]:
+    """Frame times of a GIF / TIFF stack from the per-frame durations (TIFF has none: `source_fps`)."""
+    t = 0.0
+    for k, fr in enumerate(ImageSequence.Iterator(im)):
+        yield t, k
+        t += (fr.info.get("duration") or 1000.0 / source_fps) / 1000.0
+
+
+def _av_frames(path: Path, rel: str, max_pixels: int) -> Iterator[tuple[float, object]]:
+    """Decoded frames of the first video stream with their presentation times. A clip whose container
+    promises more frames than can be decoded is truncated."""
+    import av
+
+    try:
+        container = av.open(str(path))
+    except av.FFmpegError as e:
+        raise CurationError(rel, "file", f"not a readable video ({_av_reason(e)})") from None
+    with container:
+        if not container.streams.video:
+            raise CurationError(rel, "file", "no video stream")
+        stream = container.streams.video[0]
+        w, h = stream.codec_context.width, stream.codec_context.height
+        if w * h > max_pixels or not w or not h:
+            raise CurationError(rel, "frames", f"{w}x{h} frames (max_pixels={max_pixels})")
+        rate = float(stream.average_rate or 25)
+        n = 0
+        try:
+            for frame in container.decode(stream):
+                yield (frame.time if frame.time is not None else n / rate), frame
+                n += 1
+        except av.FFmpegError as e:
+            raise CurationError(
+                rel, "frames", f"corrupt or truncated video data after {n} frames ({_av_reason(e)})"
+            ) from None
+        if stream.frames and n < stream.frames:
+            raise CurationError(
+                rel, "frames", f"truncated: decoded {n} of the {stream.frames} frames it declares"
+            )
+
+
+def _av_reason(e: Exception) -> str:
+    return getattr(e, "strerror", None) or type(e).__name__
 
 
 def _uniq(boxes: list[dict]) -> list[str]:
