@@ -19,7 +19,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "quickstart"
 
 # Sizes for the default run (about 10 minutes on 2 CPU cores); `--small` is the test configuration.
 SIZES = {
-    "default": dict(n_train=2400, n_bench=400, llm_steps=400, vision_steps=400, stage_steps=(60, 60, 240)),
+    "default": dict(n_train=2400, n_bench=300, llm_steps=200, vision_steps=300, stage_steps=(60, 60, 240)),
     "small": dict(n_train=64, n_bench=24, llm_steps=20, vision_steps=20, stage_steps=(2, 2, 4)),
 }
 
@@ -30,8 +30,8 @@ def run_quickstart(out: Path, size: str = "default", seed: int = 0, log=print) -
     from medvl.model.tokenizer import train_tokenizer
     from medvl.synth.dataset import read_records
     from medvl.synth.templates import build_quickstart_data
+    from medvl.train.cli import run_stages
     from medvl.train.config import load_config
-    from medvl.train.loop import train_stage
     from medvl.train.pretrain import pretrain_llm, pretrain_vision
 
     sz = SIZES[size]
@@ -53,7 +53,9 @@ def run_quickstart(out: Path, size: str = "default", seed: int = 0, log=print) -
     spec = load_preset("tiny")
     corpus = Path(paths["corpus"]).read_text(encoding="utf-8").splitlines()
     tokenizer = train_tokenizer(corpus, spec.tokenizer_vocab_size)
-    llm_losses = pretrain_llm(spec, tokenizer, corpus, out / "parts" / "llm", steps=sz["llm_steps"], seed=seed, log=log)
+    llm_losses = pretrain_llm(
+        spec, tokenizer, corpus, out / "parts" / "llm", steps=sz["llm_steps"], seed=seed, log=log
+    )
     lap("pretrain_llm")
 
     log("3/7 pretraining the tiny vision tower on the image labels")
@@ -74,16 +76,13 @@ def run_quickstart(out: Path, size: str = "default", seed: int = 0, log=print) -
     lap("assemble")
 
     log("5/7 training stages I, II, III")
-    finals, histories = [], {}
-    model = out / "base"
-    for i, steps in enumerate(sz["stage_steps"], 1):
-        cfg = load_config(CONFIG_DIR / f"stage{i}.yaml", base_dir=out, max_steps=steps)
-        cfg.model = model
-        final = train_stage(cfg)
-        histories[cfg.stage] = json.loads((cfg.output_dir / "history.json").read_text())
-        finals.append(final)
-        model = final
-        lap(f"stage{i}")
+    cfgs = [
+        load_config(CONFIG_DIR / f"stage{i}.yaml", base_dir=out, max_steps=steps)
+        for i, steps in enumerate(sz["stage_steps"], 1)
+    ]
+    finals = run_stages(cfgs, model=out / "base")
+    histories = {cfg.stage: json.loads((cfg.output_dir / "history.json").read_text()) for cfg in cfgs}
+    lap("stages I-III")
 
     log("6/7 evaluating stage I and stage III on the held-out multiple-choice benchmark")
     results = {}
@@ -151,17 +150,24 @@ def make_report(out: Path, results: dict, histories: dict, pretrain: dict, timin
     lines += [f"- {k}: {v}" for k, v in timings.items()]
     lines += ["", f"Total: {sum(timings.values()):.0f}s", ""]
     (out / "report.md").write_text("\n".join(lines))
-    report = {"results": results, "checks": checks, "timings_s": timings, "model": str(out / "stage3" / "final")}
+    report = {
+        "results": results,
+        "checks": checks,
+        "timings_s": timings,
+        "model": str(out / "stage3" / "final"),
+    }
     (out / "report.json").write_text(json.dumps(report, indent=1))
     return report
 
 
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), help="Folder for data, parts, checkpoints and report."),
-    size: str = typer.Option("default", help="'default' (about 10 min on 2 CPU cores) or 'small' (a smoke run)."),
+    size: str = typer.Option(
+        "default", help="'default' (about 10 min on 2 CPU cores) or 'small' (a smoke run)."
+    ),
     seed: int = typer.Option(0),
 ) -> None:
-    """Run the whole pipeline on embedded synthetic data: synthesize, pretrain parts, stages I-III, evaluate, report."""
+    """Run the whole pipeline on embedded synthetic data: synthesize, pretrain, stages I-III, evaluate."""
     if size not in SIZES:
         raise typer.BadParameter(f"size must be one of {', '.join(SIZES)}")
     report = run_quickstart(out, size, seed)

@@ -47,19 +47,30 @@ def write_training_data(root: Path, n: int = 32, seed: int = 0) -> Path:
     for i in range(n):
         bright = i % 2 == 0
         if i % 4 == 3:
-            records.append({"id": f"t{i}", "conversations": [
-                {"from": "human", "value": "What is CT?"},
-                {"from": "gpt", "value": "Computed tomography."},
-            ]})
+            records.append(
+                {
+                    "id": f"t{i}",
+                    "conversations": [
+                        {"from": "human", "value": "What is CT?"},
+                        {"from": "gpt", "value": "Computed tomography."},
+                    ],
+                }
+            )
             continue
         arr = rng.integers(0, 40, (48, 40, 3)) + (180 if bright else 0)
         Image.fromarray(arr.astype(np.uint8)).save(root / "img" / f"{i}.png")
-        records.append({"id": f"s{i}", "image": f"img/{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nIs the image bright?"},
-            {"from": "gpt", "value": "Yes." if bright else "No."},
-            {"from": "human", "value": "What modality is it?"},
-            {"from": "gpt", "value": "An X-ray."},
-        ]})
+        records.append(
+            {
+                "id": f"s{i}",
+                "image": f"img/{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nIs the image bright?"},
+                    {"from": "gpt", "value": "Yes." if bright else "No."},
+                    {"from": "human", "value": "What modality is it?"},
+                    {"from": "gpt", "value": "An X-ray."},
+                ],
+            }
+        )
     path = root / "train.json"
     path.write_text(json.dumps(records))
     return path

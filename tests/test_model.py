@@ -61,7 +61,11 @@ def test_tiny_model_structure(tiny_model_dir):
     with torch.no_grad():
         feats = m.model.get_image_features(pixel_values=enc["pixel_values"])
     feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
-    n_feats = sum(f.shape[0] for f in feats) if isinstance(feats, (list, tuple)) else feats.shape[0] * feats.shape[1]
+    n_feats = (
+        sum(f.shape[0] for f in feats)
+        if isinstance(feats, (list, tuple))
+        else feats.shape[0] * feats.shape[1]
+    )
     assert n_tokens == n_feats == m.config.image_seq_length
     assert not list(tiny_model_dir.glob("*.bin")) and (tiny_model_dir / "model.safetensors").exists()
 
@@ -75,7 +79,8 @@ folder = sys.argv[1]
 model = LlavaForConditionalGeneration.from_pretrained(folder)
 processor = AutoProcessor.from_pretrained(folder)
 img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 70, 3), dtype=np.uint8))
-messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What modality is this?"}]}]
+content = [{"type": "image"}, {"type": "text", "text": "What modality is this?"}]
+messages = [{"role": "user", "content": content}]
 prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
 inputs = processor(text=[prompt], images=[img], return_tensors="pt")
 out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
@@ -92,11 +97,17 @@ def test_checkpoint_loads_and_generates_identically_in_stock_transformers(tiny_m
     vlm.save(tmp_path / "m")
     ours = generate(vlm, [user_turn("What modality is this?", _image(0))], max_new_tokens=12)[0]
     res = subprocess.run(
-        [sys.executable, "-c", STOCK_SCRIPT, str(tmp_path / "m")], capture_output=True, text=True, cwd=tmp_path
+        [sys.executable, "-c", STOCK_SCRIPT, str(tmp_path / "m")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     stock = json.loads(res.stdout.strip().splitlines()[-1])
-    assert "<|im_start|>user\n<image>\nWhat modality is this?<|im_end|>\n<|im_start|>assistant\n" in stock["prompt"]
+    assert (
+        "<|im_start|>user\n<image>\nWhat modality is this?<|im_end|>\n<|im_start|>assistant\n"
+        in stock["prompt"]
+    )
     eos = vlm.tokenizer.eos_token_id
     stock_ids = stock["ids"][: stock["ids"].index(eos)] if eos in stock["ids"] else stock["ids"]
     assert len(ours.token_ids) > 0
@@ -105,8 +116,11 @@ def test_checkpoint_loads_and_generates_identically_in_stock_transformers(tiny_m
 
 def test_batched_generation_matches_one_at_a_time(tiny_model_dir):
     vlm = load(tiny_model_dir)
-    convs = [user_turn("Describe the image.", _image(1)), user_turn("What is CT?"),
-             user_turn("A longer question about the modality of this image?", _image(2, (40, 120)))]
+    convs = [
+        user_turn("Describe the image.", _image(1)),
+        user_turn("What is CT?"),
+        user_turn("A longer question about the modality of this image?", _image(2, (40, 120))),
+    ]
     batched = generate(vlm, convs, max_new_tokens=8)
     single = [generate(vlm, [c], max_new_tokens=8)[0] for c in convs]
     assert [b.token_ids for b in batched] == [s.token_ids for s in single]
@@ -117,26 +131,57 @@ def _save_parts(root: Path, full_clip: bool = False, siglip: bool = False) -> tu
     """Small pretrained-looking parts saved the way hub checkpoints are."""
     torch.manual_seed(0)
     vis_dir, llm_dir = root / "vision", root / "llm"
-    vcfg = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=2)
+    vcfg = dict(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+    )
     if siglip:
         SiglipVisionModel(SiglipVisionConfig(**vcfg)).save_pretrained(vis_dir)
     elif full_clip:
-        CLIPModel(CLIPConfig(vision_config=vcfg, text_config=dict(hidden_size=32, intermediate_size=64,
-                  num_hidden_layers=1, num_attention_heads=2, vocab_size=99), projection_dim=16)).save_pretrained(vis_dir)
+        CLIPModel(
+            CLIPConfig(
+                vision_config=vcfg,
+                text_config=dict(
+                    hidden_size=32,
+                    intermediate_size=64,
+                    num_hidden_layers=1,
+                    num_attention_heads=2,
+                    vocab_size=99,
+                ),
+                projection_dim=16,
+            )
+        ).save_pretrained(vis_dir)
     else:
         CLIPVisionModel(CLIPVisionConfig(**vcfg)).save_pretrained(vis_dir)
     # A plain LLM tokenizer without medvl's tokens: the build must add them.
     raw = Tokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
-    raw.train_from_iterator(["hello world, a pretrained model"] * 10, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    raw.train_from_iterator(
+        ["hello world, a pretrained model"] * 10,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     base_tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>")
     assert IMAGE_TOKEN not in base_tok.get_vocab()
     base_tok.save_pretrained(llm_dir)
-    llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(base_tok), hidden_size=48, intermediate_size=96,
-                                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2))
+    llm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(base_tok),
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
     llm.save_pretrained(llm_dir)
     return vis_dir, llm_dir, root
 
@@ -157,7 +202,9 @@ def test_build_from_pretrained_parts(tmp_path, kind):
     emb = m.get_input_embeddings().weight
     assert emb.shape[0] == len(vlm.tokenizer) > old_vocab
     assert torch.equal(emb[:old_vocab], ref_llm.get_input_embeddings().weight)
-    assert torch.equal(m.model.language_model.layers[1].mlp.up_proj.weight, ref_llm.model.layers[1].mlp.up_proj.weight)
+    assert torch.equal(
+        m.model.language_model.layers[1].mlp.up_proj.weight, ref_llm.model.layers[1].mlp.up_proj.weight
+    )
     assert m.config.image_token_id == vlm.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) >= old_vocab
     assert not any(p.is_meta for p in m.parameters())
     # It runs, and the image token count matches the tower: 16 patches (+ CLS dropped by "default").
@@ -181,8 +228,20 @@ def test_load_refuses_pickle_weights(tiny_model_dir, tmp_path):
 def test_cli_lists_the_pipeline_and_stubs_say_so():
     res = subprocess.run([sys.executable, "-m", "medvl.cli", "--help"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    for cmd in ("curate", "generate", "quality", "build", "train", "pipeline", "eval", "serve", "ui", "chat",
-                "quickstart", "synth"):
+    for cmd in (
+        "curate",
+        "generate",
+        "quality",
+        "build",
+        "train",
+        "pipeline",
+        "eval",
+        "serve",
+        "ui",
+        "chat",
+        "quickstart",
+        "synth",
+    ):
         assert cmd in res.stdout
     res = subprocess.run([sys.executable, "-m", "medvl.cli", "quality"], capture_output=True, text=True)
     assert res.returncode != 0 and "not yet available" in res.stderr

@@ -20,9 +20,17 @@ REPO = Path(__file__).resolve().parent.parent
 
 def stage_yaml(tmp_path: Path, model: Path, data: Path, name: str, **kw) -> Path:
     cfg = {
-        "stage": name, "model": str(model), "output_dir": str(tmp_path / name), "data": [{"path": str(data)}],
-        "freeze": {"llm": True, "projector": False, "vision": True}, "lr": 1e-3, "global_batch_size": 8,
-        "micro_batch_size": 4, "max_length": 256, "log_every": 1, "warmup_ratio": 0.0,
+        "stage": name,
+        "model": str(model),
+        "output_dir": str(tmp_path / name),
+        "data": [{"path": str(data)}],
+        "freeze": {"llm": True, "projector": False, "vision": True},
+        "lr": 1e-3,
+        "global_batch_size": 8,
+        "micro_batch_size": 4,
+        "max_length": 256,
+        "log_every": 1,
+        "warmup_ratio": 0.0,
     }
     cfg.update(kw)
     path = tmp_path / f"{name}.yaml"
@@ -37,7 +45,11 @@ def test_reference_stage_configs_follow_table_8():
         rows[i] = (cfg.freeze.llm, cfg.freeze.projector, cfg.freeze.vision, cfg.lr)
         assert cfg.betas == (0.9, 0.999) and cfg.lr_schedule == "cosine" and cfg.image_size == 336
         assert cfg.global_batch_size == 512
-    assert rows == {1: (True, False, True, 1e-3), 2: (True, False, False, 1e-4), 3: (False, False, False, 1e-5)}
+    assert rows == {
+        1: (True, False, True, 1e-3),
+        2: (True, False, False, 1e-4),
+        3: (False, False, False, 1e-5),
+    }
 
 
 def test_config_errors_name_the_key_and_the_file(tmp_path, tiny_model_dir, train_data):
@@ -89,13 +101,23 @@ def _changed(before: dict, after: dict, prefix: str) -> tuple[int, int]:
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_each_stage_trains_exactly_its_components(tmp_path, tiny_model_dir, train_data, stage):
     freeze = {1: (True, False, True), 2: (True, False, False), 3: (False, False, False)}[stage]
-    path = stage_yaml(tmp_path, tiny_model_dir, train_data, f"s{stage}", max_steps=2,
-                      freeze=dict(zip(("llm", "projector", "vision"), freeze)))
+    path = stage_yaml(
+        tmp_path,
+        tiny_model_dir,
+        train_data,
+        f"s{stage}",
+        max_steps=2,
+        freeze=dict(zip(("llm", "projector", "vision"), freeze)),
+    )
     final = train_stage(load_config(path))
     before, after = _snapshot(tiny_model_dir), _snapshot(final)
     # Saved checkpoints use the original LLaVA key layout (what vLLM and older transformers read).
-    for prefix, frozen in (("language_model.model.", freeze[0]), ("language_model.lm_head.", freeze[0]),
-                           ("multi_modal_projector.", freeze[1]), ("vision_tower.", freeze[2])):
+    for prefix, frozen in (
+        ("language_model.model.", freeze[0]),
+        ("language_model.lm_head.", freeze[0]),
+        ("multi_modal_projector.", freeze[1]),
+        ("vision_tower.", freeze[2]),
+    ):
         n_changed, n = _changed(before, after, prefix)
         assert n > 0
         if frozen:
@@ -120,12 +142,17 @@ def test_logs_loss_lr_tokens_and_mfu_to_tensorboard(tmp_path, tiny_model_dir, tr
     losses = [e.value for e in acc.Scalars("loss")]
     history = json.loads((cfg.output_dir / "history.json").read_text())
     assert len(losses) == 3 and losses == pytest.approx([h["loss"] for h in history], rel=1e-5)
-    assert all(0 < e.value for e in acc.Scalars("tokens_per_s"))
+    assert all(e.value > 0 for e in acc.Scalars("tokens_per_s"))
 
 
 def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_model_dir, train_data):
-    kw = dict(max_steps=6, save_every=3, freeze={"llm": False, "projector": False, "vision": False}, lr=5e-4,
-              warmup_ratio=0.2)
+    kw = dict(
+        max_steps=6,
+        save_every=3,
+        freeze={"llm": False, "projector": False, "vision": False},
+        lr=5e-4,
+        warmup_ratio=0.2,
+    )
     full = load_config(stage_yaml(tmp_path, tiny_model_dir, train_data, "full", **kw))
     train_stage(full)
     ref = json.loads((full.output_dir / "history.json").read_text())
@@ -158,3 +185,31 @@ def test_missing_or_unreadable_image_names_file_and_sample(tmp_path, tiny_model_
     ds = ConversationDataset(vlm, [(train_data, None)], 256)
     with pytest.raises(ValueError, match=r"sample id s0.*0\.png.*unreadable"):
         ds[0]
+
+
+def test_pipeline_cli_chains_stages_from_the_previous_final(tmp_path, tiny_model_dir, train_data):
+    from typer.testing import CliRunner
+
+    from medvl.cli import app
+
+    s1 = stage_yaml(tmp_path, tiny_model_dir, train_data, "p1", max_steps=1)
+    # Stage 2's own `model` points nowhere: the pipeline must start it from stage 1's final/.
+    s2 = stage_yaml(
+        tmp_path,
+        tmp_path / "nowhere",
+        train_data,
+        "p2",
+        max_steps=1,
+        freeze={"llm": True, "projector": True, "vision": False},
+    )
+    res = CliRunner().invoke(app, ["pipeline", str(s1), str(s2)])
+    assert res.exit_code == 0, res.output
+    p1, p2 = _snapshot(tmp_path / "p1" / "final"), _snapshot(tmp_path / "p2" / "final")
+    base = _snapshot(tiny_model_dir)
+    proj = [k for k in base if k.startswith("multi_modal_projector.")]
+    # Stage 2 froze the projector, so it carries stage 1's trained projector, not the base one.
+    assert all(torch.equal(p1[k], p2[k]) and not torch.equal(base[k], p2[k]) for k in proj)
+    # A bad config fails before the first stage trains.
+    bad = stage_yaml(tmp_path, tiny_model_dir, train_data, "p3", epochs="many")
+    res = CliRunner().invoke(app, ["pipeline", str(s1), str(bad)])
+    assert res.exit_code != 0 and "p3.yaml" in str(res.exception)

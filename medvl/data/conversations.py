@@ -10,7 +10,7 @@ chat template, so training sees exactly what inference builds; the loss covers a
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -50,6 +50,42 @@ class Sample:
     input_ids: list[int]  # image tokens already expanded
     labels: list[int]
     images: list[Path]
+    image_size: int | None = None  # input size of the images (None: the vision tower's own)
+
+
+def image_tokens_at(config, size: int | None) -> int:
+    """Image tokens per image when images are fed at `size` px (position embeddings interpolated)."""
+    vision = config.vision_config
+    if size is None or size == vision.image_size:
+        return config.image_seq_length
+    if size % vision.patch_size:
+        raise ValueError(f"image size {size} is not a multiple of the patch size {vision.patch_size}")
+    return (
+        config.image_seq_length
+        - (vision.image_size // vision.patch_size) ** 2
+        + (size // vision.patch_size) ** 2
+    )
+
+
+def resize_image_tokens(sample: Sample, image_id: int, n_old: int, n_new: int, size: int | None) -> Sample:
+    """The same sample with each image's run of `n_old` image tokens replaced by `n_new`."""
+    if n_old == n_new:
+        return replace(sample, image_size=size)
+    ids: list[int] = []
+    labels: list[int] = []
+    run = 0
+    for tok, lab in zip(sample.input_ids + [None], sample.labels + [None], strict=True):
+        if tok == image_id:
+            run += 1
+            continue
+        if run:  # adjacent images form one run of a multiple of n_old tokens
+            ids.extend([image_id] * (run // n_old * n_new))
+            labels.extend([IGNORE] * (run // n_old * n_new))
+            run = 0
+        if tok is not None:
+            ids.append(tok)
+            labels.append(lab)
+    return replace(sample, input_ids=ids, labels=labels, image_size=size)
 
 
 def to_messages(record: dict, where: str) -> list[dict]:
@@ -60,7 +96,9 @@ def to_messages(record: dict, where: str) -> list[dict]:
     for j, turn in enumerate(convs):
         role = ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
         if role is None or not isinstance(turn.get("value"), str):
-            raise ValueError(f"{where}: conversations[{j}] needs 'from' (human/gpt/system) and a string 'value'")
+            raise ValueError(
+                f"{where}: conversations[{j}] needs 'from' (human/gpt/system) and a string 'value'"
+            )
         messages.append({"role": role, "content": turn["value"]})
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError(f"{where}: no 'gpt' turn, nothing to learn from")
@@ -94,7 +132,7 @@ def tokenize(vlm: VLM, record: dict, image_root: Path, max_length: int, where: s
     n_img = vlm.model.config.image_seq_length
     ids: list[int] = []
     labels: list[int] = []
-    for tok, is_answer in zip(enc["input_ids"], enc["assistant_masks"]):
+    for tok, is_answer in zip(enc["input_ids"], enc["assistant_masks"], strict=True):
         if tok == image_id:
             ids.extend([image_id] * n_img)
             labels.extend([IGNORE] * n_img)
@@ -120,11 +158,19 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def lengths(self) -> list[int]:
-        return [len(s.input_ids) for s in self.samples]
+    def lengths(self, image_size: int | None = None) -> list[int]:
+        """Token counts with images fed at `image_size` px (None: the vision tower's own size)."""
+        extra = image_tokens_at(self.vlm.model.config, image_size) - self.vlm.model.config.image_seq_length
+        return [len(s.input_ids) + extra * len(s.images) for s in self.samples]
 
-    def __getitem__(self, i: int) -> tuple[Sample, list[Image.Image]]:
-        s = self.samples[i]
+    def __getitem__(self, key: int | tuple[int, int | None]) -> tuple[Sample, list[Image.Image]]:
+        """`dataset[i]`, or `dataset[i, size]` for the sample with its images at `size` px (the key
+        carries the size so that DataLoader workers need no shared state)."""
+        i, size = key if isinstance(key, tuple) else (key, None)
+        cfg = self.vlm.model.config
+        s = resize_image_tokens(
+            self.samples[i], cfg.image_token_id, cfg.image_seq_length, image_tokens_at(cfg, size), size
+        )
         images = []
         for p in s.images:
             try:
@@ -136,24 +182,54 @@ class ConversationDataset(torch.utils.data.Dataset):
 
 
 class Collator:
-    """Right-padded batch; pixel values of every image, in the order their tokens appear."""
+    """Right-padded batch; pixel values of every image, in the order their tokens appear.
 
-    def __init__(self, vlm: VLM) -> None:
+    `loss_weights` give each label its share of the loss: 1 per assistant token ("token"), or
+    1 / (the sample's assistant tokens) ("sample"); `loss_units` counts what the loss is divided by
+    (tokens or samples), `num_tokens` the non-padding tokens."""
+
+    def __init__(self, vlm: VLM, loss_normalization: str = "token") -> None:
         self.image_processor = vlm.processor.image_processor
         self.pad_id = vlm.tokenizer.pad_token_id
+        self.per_sample = loss_normalization == "sample"
+
+    def weights(self, labels: torch.Tensor) -> torch.Tensor:
+        """One sample's label weights; its first position never has a prediction behind it."""
+        w = (labels != IGNORE).float()
+        w[0] = 0
+        return w / w.sum().clamp(min=1) if self.per_sample else w
+
+    def counts(
+        self, batch: list[tuple[Sample, list[Image.Image]]], weights: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        if self.per_sample:  # a packed row holds several samples: count the samples with a label
+            units = sum(any(x != IGNORE for x in s.labels[1:]) for s, _ in batch)
+        else:
+            units = int((weights > 0).sum())
+        return {
+            "loss_units": torch.tensor(units),
+            "num_tokens": torch.tensor(sum(len(s.input_ids) for s, _ in batch)),
+        }
+
+    def pixels(self, batch: list[tuple[Sample, list[Image.Image]]]) -> dict[str, torch.Tensor]:
+        images = [im for _, ims in batch for im in ims]
+        if not images:
+            return {}
+        size = batch[0][0].image_size
+        kwargs = {"size": {"height": size, "width": size}} if size else {}
+        return {"pixel_values": self.image_processor(images, return_tensors="pt", **kwargs)["pixel_values"]}
 
     def __call__(self, batch: list[tuple[Sample, list[Image.Image]]]) -> dict[str, torch.Tensor]:
         width = max(len(s.input_ids) for s, _ in batch)
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
+        weights = torch.zeros((len(batch), width))
         for i, (s, _) in enumerate(batch):
             n = len(s.input_ids)
             ids[i, :n] = torch.tensor(s.input_ids)
             labels[i, :n] = torch.tensor(s.labels)
             mask[i, :n] = 1
-        out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-        images = [im for _, ims in batch for im in ims]
-        if images:
-            out["pixel_values"] = self.image_processor(images, return_tensors="pt")["pixel_values"]
-        return out
+            weights[i, :n] = self.weights(labels[i, :n])
+        out = {"input_ids": ids, "labels": labels, "attention_mask": mask, "loss_weights": weights}
+        return out | self.counts(batch, weights) | self.pixels(batch)

@@ -24,7 +24,6 @@ from transformers import (
     AutoProcessor,
     AutoTokenizer,
     CLIPImageProcessorPil,
-    CLIPVisionConfig,
     CLIPVisionModel,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -95,7 +94,9 @@ def _num_additional_tokens(vision_config: PretrainedConfig, strategy: str) -> in
     return 1 if has_cls else 0
 
 
-def make_processor(image_processor, tokenizer, vision_config: PretrainedConfig, strategy: str) -> LlavaProcessor:
+def make_processor(
+    image_processor, tokenizer, vision_config: PretrainedConfig, strategy: str
+) -> LlavaProcessor:
     tokenizer.padding_side = "left"  # decoder-only batched generation pads on the left
     return LlavaProcessor(
         image_processor=image_processor,
@@ -117,7 +118,8 @@ def _llava_config(vision_config, text_config, tokenizer, layer: int, strategy: s
         projector_hidden_act="gelu",
         vision_feature_layer=layer,
         vision_feature_select_strategy=strategy,
-        image_seq_length=n_patches + (1 if strategy == "full" and vision_config.model_type.startswith("clip") else 0),
+        image_seq_length=n_patches
+        + (1 if strategy == "full" and vision_config.model_type.startswith("clip") else 0),
         tie_word_embeddings=getattr(text_config, "tie_word_embeddings", False),
     )
 
@@ -136,7 +138,9 @@ def build_from_configs(spec: PresetSpec, tokenizer, seed: int = 0) -> VLM:
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
-    config = _llava_config(vcfg, tcfg, tokenizer, spec.vision_feature_layer, spec.vision_feature_select_strategy)
+    config = _llava_config(
+        vcfg, tcfg, tokenizer, spec.vision_feature_layer, spec.vision_feature_select_strategy
+    )
     model = LlavaForConditionalGeneration(config)
     image_processor = _square_image_processor(vcfg.image_size)
     processor = make_processor(image_processor, tokenizer, vcfg, spec.vision_feature_select_strategy)
@@ -254,7 +258,9 @@ def load(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | N
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder}: not a model folder (config.json missing)")
     if list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
-        raise ValueError(f"{folder}: pickle weight files (.bin/.pt) are refused; medvl loads safetensors only")
+        raise ValueError(
+            f"{folder}: pickle weight files (.bin/.pt) are refused; medvl loads safetensors only"
+        )
     model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype, use_safetensors=True)
     processor = AutoProcessor.from_pretrained(folder)
     processor.tokenizer.padding_side = "left"

@@ -7,12 +7,18 @@ import typer
 
 def build(
     out: Path = typer.Option(..., help="Folder to write the model to (a plain Hugging Face folder)."),
-    preset: str = typer.Option(None, help="A preset name (tiny, gmai-vl-7b, siglip-qwen2.5-1.5b) or YAML file."),
+    preset: str = typer.Option(
+        None, help="A preset name (tiny, gmai-vl-7b, siglip-qwen2.5-1.5b) or YAML file."
+    ),
     vision: str = typer.Option(None, help="Pretrained vision encoder: hub id or folder."),
     llm: str = typer.Option(None, help="Pretrained causal LM: hub id or folder."),
     corpus: Path = typer.Option(None, help="Text file to train the tokenizer of a random-weights preset."),
-    vision_feature_layer: int = typer.Option(-2, help="With --vision/--llm: which vision layer feeds the projector."),
-    select_strategy: str = typer.Option("default", help="With --vision/--llm: 'default' (drop CLS) or 'full'."),
+    vision_feature_layer: int = typer.Option(
+        -2, help="With --vision/--llm: which vision layer feeds the projector."
+    ),
+    select_strategy: str = typer.Option(
+        "default", help="With --vision/--llm: 'default' (drop CLS) or 'full'."
+    ),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the Hub (read it first)."),
 ) -> None:
     """Build a model: from a preset, or from pretrained parts (--vision and --llm)."""

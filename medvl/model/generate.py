@@ -68,9 +68,9 @@ def encode(vlm: VLM, conversations: list[Conversation]) -> dict[str, torch.Tenso
         )
         if n_parts != len(c.images):
             raise ValueError(f"conversation has {n_parts} image parts but {len(c.images)} images")
-    return vlm.processor(
-        text=prompts, images=images or None, padding=True, return_tensors="pt"
-    ).to(vlm.model.device)
+    return vlm.processor(text=prompts, images=images or None, padding=True, return_tensors="pt").to(
+        vlm.model.device
+    )
 
 
 @torch.inference_mode()

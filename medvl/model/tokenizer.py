@@ -30,7 +30,7 @@ CHAT_TEMPLATE = (
     "{%- set ns = namespace(text='') -%}"
     "{%- if message['content'] is string -%}{%- set ns.text = message['content'] -%}"
     "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' or part['type'] == 'image_url' -%}{%- set ns.text = ns.text + '<image>\\n' -%}"
+    "{%- if part['type'] in ['image', 'image_url'] -%}{%- set ns.text = ns.text + '<image>\\n' -%}"
     "{%- elif part['type'] == 'text' -%}{%- set ns.text = ns.text + part['text'] -%}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{{- '<|im_start|>' + message['role'] + '\\n' -}}"

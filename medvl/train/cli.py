@@ -23,21 +23,27 @@ def train(
 
 
 def pipeline(
-    configs: list[Path] = typer.Argument(..., help="Stage YAMLs in order, e.g. stage1.yaml stage2.yaml stage3.yaml"),
+    configs: list[Path] = typer.Argument(..., help="Stage YAMLs in order (stage1 stage2 stage3)"),
     model: Path = typer.Option(None, help="Starting model for the first stage (default: its config's)."),
     resume: bool = typer.Option(False, help="Skip finished stages, resume the interrupted one."),
 ) -> None:
     """Chain stages: each starts from the previous stage's final model."""
     from medvl.train.config import load_config
+
+    # Validate every stage's config before the first one starts.
+    cfgs = [load_config(p) for p in configs]
+    run_stages(cfgs, model, resume)
+
+
+def run_stages(cfgs, model: Path | None = None, resume: bool = False) -> list[Path]:
+    """Train `cfgs` in order, each from the previous stage's `final/` (the first from `model`, or its
+    own config's). With `resume`, finished stages are skipped and an interrupted one resumes."""
     from medvl.train.loop import train_stage
 
-    run_stages(configs, model, resume, load_config, train_stage)
-
-
-def run_stages(configs, model, resume, load_config, train_stage) -> list[Path]:
     finals = []
-    for cfg_path in configs:
-        cfg = load_config(cfg_path, model=model)
+    for cfg in cfgs:
+        if model is not None:
+            cfg.model = model
         final = cfg.output_dir / "final"
         if resume and (final / "config.json").exists():
             typer.echo(f"[{cfg.stage}] already finished: {final}")

@@ -29,6 +29,30 @@ class DataSource(Strict):
     image_root: Path | None = None  # image paths are relative to this (default: the file's folder)
 
 
+class ResolutionStep(Strict):
+    """One phase of a progressive-resolution schedule: images at `size` px until `until_step`
+    (exclusive; the last phase leaves it out and runs to the end of the stage)."""
+
+    size: int = Field(gt=0)
+    until_step: int | None = Field(None, gt=0)
+
+
+class LoraTarget(Strict):
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32, gt=0)
+    target_modules: list[str] | None = None  # linear-layer names; default: every projection of the block
+
+
+class Lora(Strict):
+    """LoRA adapters (peft) in place of full training for the named components; the final model is
+    merged back into plain weights. Components not named here train fully unless frozen."""
+
+    llm: LoraTarget | None = None
+    vision: LoraTarget | None = None
+    dropout: float = Field(0.05, ge=0, lt=1)
+    quantize_4bit: bool = False  # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, CUDA only)
+
+
 class StageConfig(Strict):
     stage: str  # a human name, e.g. "I: shallow alignment"
     model: Path  # folder of the model to start from (a build, or the previous stage's final/)
@@ -36,7 +60,18 @@ class StageConfig(Strict):
     data: list[DataSource] = Field(min_length=1)
 
     freeze: Freeze
+    # soft: whole samples packed into rows of up to max_length tokens, each attending only to itself
     packing: Literal["none", "soft"] = "none"
+    # token: every assistant token of the global batch weighs the same (long answers count more);
+    # sample: mean over samples of each sample's mean token loss
+    loss_normalization: Literal["token", "sample"] = "token"
+    # deal each global batch into micro-batches of similar lengths (less padding), spread so that
+    # every rank gets the same number of tokens
+    group_by_length: bool = True
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    gradient_checkpointing: bool = False
+    resolution_schedule: list[ResolutionStep] | None = None  # progressive resolution, low to high
+    lora: Lora | None = None
     lr: float = Field(gt=0)
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
@@ -64,7 +99,30 @@ class StageConfig(Strict):
     def _check(self) -> StageConfig:
         if self.freeze.llm and self.freeze.projector and self.freeze.vision:
             raise ValueError("freeze: every component is frozen, nothing would train")
+        if self.lora is not None:
+            for part in ("llm", "vision"):
+                if getattr(self.lora, part) is not None and getattr(self.freeze, part):
+                    raise ValueError(
+                        f"lora.{part} is set but freeze.{part} is true: unfreeze it to train adapters"
+                    )
+            if self.lora.llm is None and self.lora.vision is None:
+                raise ValueError("lora: name at least one component (llm, vision)")
+        if self.resolution_schedule:
+            ends = [r.until_step for r in self.resolution_schedule]
+            if ends[-1] is not None or any(e is None for e in ends[:-1]):
+                raise ValueError(
+                    "resolution_schedule: every phase but the last needs until_step; the last has none"
+                )
+            if ends[:-1] != sorted(set(ends[:-1])):
+                raise ValueError("resolution_schedule: until_step must increase from phase to phase")
         return self
+
+    def image_size_at(self, step: int) -> int | None:
+        """The input size of the progressive-resolution schedule at optimizer step `step` (None: the
+        vision tower's own)."""
+        if not self.resolution_schedule:
+            return None
+        return next(r.size for r in self.resolution_schedule if r.until_step is None or step < r.until_step)
 
 
 def load_config(path: str | Path, base_dir: Path | None = None, **overrides) -> StageConfig:

@@ -1,9 +1,10 @@
 """The training loop: one stage of the recipe, explicit, on accelerate.
 
-DDP, FSDP and DeepSpeed come from `accelerate launch --config_file ...`; nothing here changes.
-The loss is summed over assistant tokens and divided by the number of such tokens in the whole
-global batch (every micro-batch on every rank), so a step means the same thing at any
-micro-batch size, accumulation or world size.
+DDP, FSDP and DeepSpeed come from `accelerate launch --config_file ...` (configs/accelerate/);
+nothing here changes. The loss is a weighted sum over assistant tokens divided by the number of
+units (tokens, or samples with `loss_normalization: sample`) in the whole global batch, every
+micro-batch on every rank, so a step means the same thing at any micro-batch size, accumulation,
+world size or packing.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,7 +23,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from medvl.data.conversations import IGNORE, Collator, ConversationDataset
+from medvl.data.packing import PackedCollator, plan_micro_batches
 from medvl.model.build import VLM, load
+from medvl.train import lora as lora_lib
 from medvl.train.config import StageConfig
 
 CKPT_PREFIX = "step-"
@@ -29,22 +33,41 @@ CKPT_PREFIX = "step-"
 
 # ---------------------------------------------------------------- data order
 
-class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Yields this rank's micro-batches, a deterministic function of (seed, epoch, step), so a
-    resumed run sees exactly the batches the uninterrupted run would have seen.
 
-    Each global batch of `global_bs` samples is cut into `accum * world` micro-batches; micro-batch
-    j of the window goes to rank j % world.
+class GlobalBatchSampler(torch.utils.data.Sampler[list[tuple[int, int | None]]]):
+    """Yields this rank's micro-batches as (sample index, image size) pairs, a deterministic
+    function of (seed, epoch, step), so a resumed run sees exactly the batches the uninterrupted run
+    would have seen.
+
+    Each global batch of `global_bs` samples is cut into `accum * world` micro-batches (see
+    `plan_micro_batches`: grouped by length and balanced across ranks when `lengths` is given);
+    micro-batch j of the window goes to rank j % world. `size_at(step)` is the image size of the
+    progressive-resolution schedule, `lengths(size)` the token counts at that size.
     """
 
-    def __init__(self, n: int, global_bs: int, micro_bs: int, world: int, rank: int, seed: int,
-                 total_steps: int, start_step: int = 0) -> None:
+    def __init__(
+        self,
+        n: int,
+        global_bs: int,
+        micro_bs: int,
+        world: int,
+        rank: int,
+        seed: int,
+        total_steps: int,
+        start_step: int = 0,
+        *,
+        lengths: Callable[[int | None], list[int]] | None = None,
+        size_at: Callable[[int], int | None] = lambda step: None,
+        packed: bool = False,
+    ) -> None:
         if n < global_bs:
             raise ValueError(f"the data has {n} samples, fewer than one global batch of {global_bs}")
         self.n, self.global_bs, self.micro_bs = n, global_bs, micro_bs
         self.world, self.rank, self.seed = world, rank, seed
         self.total_steps, self.start_step = total_steps, start_step
         self.steps_per_epoch = n // global_bs  # drop the ragged tail: every step is a full batch
+        self.lengths, self.size_at, self.packed = lengths, size_at, packed
+        self._lengths: dict[int | None, list[int]] = {}
 
     @property
     def accum(self) -> int:
@@ -55,11 +78,20 @@ class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
         perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
         return perm[k * self.global_bs : (k + 1) * self.global_bs]
 
+    def micro_batches(self, step: int) -> list[list[tuple[int, int | None]]]:
+        """Every rank's micro-batches of `step`, micro-batch j for rank j % world."""
+        batch, size = self.global_batches(step), self.size_at(step)
+        if self.lengths is not None and size not in self._lengths:
+            self._lengths[size] = self.lengths(size)
+        lens = [self._lengths[size][i] for i in batch] if self.lengths is not None else [0] * len(batch)
+        plan = plan_micro_batches(
+            lens, self.accum * self.world, self.world, self.packed, self.lengths is not None
+        )
+        return [[(batch[j], size) for j in micro] for micro in plan]
+
     def __iter__(self):
         for step in range(self.start_step, self.total_steps):
-            batch = self.global_batches(step)
-            micro = [batch[i : i + self.micro_bs] for i in range(0, len(batch), self.micro_bs)]
-            yield from micro[self.rank :: self.world]
+            yield from self.micro_batches(step)[self.rank :: self.world]
 
     def __len__(self) -> int:
         return (self.total_steps - self.start_step) * self.accum
@@ -67,8 +99,11 @@ class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
 
 # ---------------------------------------------------------------- pieces
 
+
 def apply_freeze(model, cfg: StageConfig) -> dict[str, int]:
-    """Table 8: set requires_grad per component; returns trainable parameter counts."""
+    """Table 8: set requires_grad per component; returns trainable parameter counts. A component
+    with LoRA adapters trains only them."""
+    with_lora = {p for p in ("llm", "vision") if cfg.lora is not None and getattr(cfg.lora, p) is not None}
     parts = {
         "vision": [model.model.vision_tower],
         "projector": [model.model.multi_modal_projector],
@@ -79,9 +114,10 @@ def apply_freeze(model, cfg: StageConfig) -> dict[str, int]:
         frozen = getattr(cfg.freeze, name)
         n = 0
         for m in modules:
-            for p in m.parameters():
-                p.requires_grad_(not frozen)
-                n += p.numel() * (not frozen)
+            for pname, p in m.named_parameters():
+                trains = not frozen and (name not in with_lora or "lora_" in pname)
+                p.requires_grad_(trains)
+                n += p.numel() * trains
         counts[name] = n
     return counts
 
@@ -104,7 +140,14 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """Dense matmul peak for MFU: known datacenter GPUs by name, else measured here (CPU)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, tflops in {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "A10": 125, "4090": 165}.items():
+        for key, tflops in {
+            "H200": 989,
+            "H100": 989,
+            "A100": 312,
+            "L40S": 362,
+            "A10": 125,
+            "4090": 165,
+        }.items():
             if key in name:
                 return tflops * 1e12
     return measure_matmul_flops(device, dtype)
@@ -128,7 +171,7 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024
     return best
 
 
-def flops_per_step(model, n_text_tokens: int, n_images: int) -> float:
+def flops_per_step(model, n_text_tokens: int, n_images: int, image_size: int | None = None) -> float:
     """Matmul FLOPs of one forward + backward: 2 per parameter per token forward, 2 more for the
     activation gradients where a gradient flows through, 2 more for weight gradients where the weights
     train (frozen parts skip them). The LM (embedding lookups excluded) runs over every token, the
@@ -138,31 +181,70 @@ def flops_per_step(model, n_text_tokens: int, n_images: int) -> float:
     n_vision = sum(p.numel() for p in vt.parameters())
     n_llm = sum(p.numel() for p in llm.parameters()) - llm.get_input_embeddings().weight.numel()
     n_llm += model.lm_head.weight.numel()
-    vision_trains = any(p.requires_grad for p in vt.parameters())
+    # weight gradients of LoRA's frozen base weights are not computed
+    vision_trains = any(p.requires_grad for n, p in vt.named_parameters() if "lora_" not in n)
     llm_trains = model.lm_head.weight.requires_grad
     llm_factor = 2 + 2 + 2 * llm_trains  # something upstream of the LM always trains
     vision_factor = 2 + 4 * vision_trains
-    patches = (vt.config.image_size // vt.config.patch_size) ** 2 + 1
+    patches = ((image_size or vt.config.image_size) // vt.config.patch_size) ** 2 + 1
     return n_llm * n_text_tokens * llm_factor + n_vision * patches * n_images * vision_factor
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over labelled positions."""
+def weighted_loss_sum(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy at labelled positions, each weighted (see `Collator`), summed."""
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     shift_labels = labels[:, 1:].reshape(-1)
-    return torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE, reduction="sum")
+    ce = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE, reduction="none")
+    return (ce * weights[:, 1:].reshape(-1)).sum()
+
+
+def prepare_model(vlm: VLM, cfg: StageConfig):
+    """Training settings on the loaded model; returns the model to train (wrapped by peft under
+    LoRA) and the trainable parameter counts per component."""
+    model = vlm.model
+    # Packed rows are recognised from position_ids only when no cache is built.
+    model.config.use_cache = False
+    model.config.text_config.use_cache = False
+    model.set_attn_implementation(cfg.attn_implementation)
+    vision = model.config.vision_config
+    if cfg.image_size and cfg.image_size != vision.image_size:
+        raise ValueError(f"image_size {cfg.image_size} differs from the vision tower's {vision.image_size}")
+    if cfg.resolution_schedule:
+        sizes = [r.size for r in cfg.resolution_schedule]
+        if sizes[-1] != vision.image_size:
+            raise ValueError(
+                f"resolution_schedule ends at {sizes[-1]}px, the tower works at {vision.image_size}px: "
+                "end the schedule at the tower's size, the size the saved model is used at"
+            )
+        if any(s % vision.patch_size for s in sizes):
+            raise ValueError(
+                f"resolution_schedule sizes {sizes} must be multiples of the patch size {vision.patch_size}"
+            )
+        # LLaVA does not pass interpolate_pos_encoding on to its tower: add it to every tower call.
+        model.model.vision_tower.register_forward_pre_hook(
+            lambda module, args, kwargs: (args, kwargs | {"interpolate_pos_encoding": True}), with_kwargs=True
+        )
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trained = lora_lib.add_adapters(model, cfg.lora) if cfg.lora else model
+    return trained, apply_freeze(model, cfg)
 
 
 # ---------------------------------------------------------------- checkpoints
 
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
     """Only fully written checkpoints count: they are written under a temporary name and renamed."""
-    ckpts = sorted((output_dir / "checkpoints").glob(f"{CKPT_PREFIX}*"), key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+    ckpts = sorted(
+        (output_dir / "checkpoints").glob(f"{CKPT_PREFIX}*"), key=lambda p: int(p.name[len(CKPT_PREFIX) :])
+    )
     ckpts = [p for p in ckpts if (p / "trainer_state.json").exists()]
     return ckpts[-1] if ckpts else None
 
 
-def save_checkpoint(accelerator: Accelerator, cfg: StageConfig, step: int, scheduler, history: list[dict]) -> None:
+def save_checkpoint(
+    accelerator: Accelerator, cfg: StageConfig, step: int, scheduler, history: list[dict]
+) -> None:
     root = cfg.output_dir / "checkpoints"
     final = root / f"{CKPT_PREFIX}{step:08d}"
     tmp = root / f".tmp-{CKPT_PREFIX}{step:08d}"
@@ -183,6 +265,7 @@ def save_checkpoint(accelerator: Accelerator, cfg: StageConfig, step: int, sched
 
 # ---------------------------------------------------------------- the loop
 
+
 def train_stage(cfg: StageConfig, resume: bool = False, stop_after: int | None = None) -> Path:
     """Run one stage; returns the folder of the final model (`<output_dir>/final`).
     `stop_after` ends the run early after that many steps (for tests of resume)."""
@@ -201,22 +284,33 @@ def train_stage(cfg: StageConfig, resume: bool = False, stop_after: int | None =
         project_dir=str(cfg.output_dir),
     )
     set_seed(cfg.seed)
-    vlm: VLM = load(cfg.model)
-    model = vlm.model
-    model.config.use_cache = False
-    model.config.text_config.use_cache = False
-    if cfg.image_size and cfg.image_size != model.config.vision_config.image_size:
-        raise ValueError(
-            f"image_size {cfg.image_size} differs from the vision tower's {model.config.vision_config.image_size}"
-        )
-    counts = apply_freeze(model, cfg)
+    if cfg.lora and cfg.lora.quantize_4bit:
+        lora_lib.check_qlora()
+        vlm = lora_lib.load_4bit(cfg.model, cfg.lora)
+    else:
+        vlm = load(cfg.model)
+    base = vlm.model
+    model, counts = prepare_model(vlm, cfg)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
 
     dataset = ConversationDataset(vlm, [(d.path, d.image_root) for d in cfg.data], cfg.max_length)
+    for size in {r.size for r in cfg.resolution_schedule or []}:
+        if max(dataset.lengths(size)) > cfg.max_length:
+            raise ValueError(
+                f"at {size}px images a sample has {max(dataset.lengths(size))} tokens > max_length"
+            )
     steps_per_epoch = len(dataset) // cfg.global_batch_size
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    # fused: one kernel for the whole update on GPU (the transformers Trainer default too)
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=cfg.lr,
+        betas=cfg.betas,
+        weight_decay=cfg.weight_decay,
+        fused=accelerator.device.type == "cuda",
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     model, optimizer = accelerator.prepare(model, optimizer)
 
@@ -230,10 +324,24 @@ def train_stage(cfg: StageConfig, resume: bool = False, stop_after: int | None =
         accelerator.print(f"resumed from {ckpt} at step {start_step}")
 
     sampler = GlobalBatchSampler(
-        len(dataset), cfg.global_batch_size, cfg.micro_batch_size, accelerator.num_processes,
-        accelerator.process_index, cfg.seed, total_steps, start_step,
+        len(dataset),
+        cfg.global_batch_size,
+        cfg.micro_batch_size,
+        accelerator.num_processes,
+        accelerator.process_index,
+        cfg.seed,
+        total_steps,
+        start_step,
+        lengths=dataset.lengths if cfg.group_by_length else None,
+        size_at=cfg.image_size_at,
+        packed=cfg.packing == "soft",
     )
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=Collator(vlm), num_workers=cfg.num_workers)
+    collate = (
+        PackedCollator(vlm, cfg.max_length, cfg.loss_normalization)
+        if cfg.packing == "soft"
+        else Collator(vlm, cfg.loss_normalization)
+    )
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers)
 
     accelerator.init_trackers(cfg.stage.split(":")[0].strip().replace(" ", "_") or "stage")
     peak = cfg.peak_flops or peak_flops(accelerator.device, torch.bfloat16 if use_bf16 else torch.float32)
@@ -248,33 +356,55 @@ def train_stage(cfg: StageConfig, resume: bool = False, stop_after: int | None =
     window = {"loss": 0.0, "tokens": 0, "flops": 0.0, "steps": 0, "t": time.perf_counter()}
     end = min(total_steps, start_step + stop_after) if stop_after else total_steps
     for step in range(start_step, end):
+        t_step = time.perf_counter()  # data loading included, as in any step time a user sees
         micro = [next(it) for _ in range(accum)]
-        n_label = torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro),
-                               device=accelerator.device)
-        n_label = accelerator.reduce(n_label, "sum").clamp(min=1)
+        n_units = torch.tensor(sum(int(b["loss_units"]) for b in micro), device=accelerator.device)
+        n_units = accelerator.reduce(n_units, "sum").clamp(min=1)
         step_loss = torch.zeros((), device=accelerator.device)
+        # non-padding tokens, all positions (padding included) and images of this rank
+        shape = torch.zeros(3, dtype=torch.long, device=accelerator.device)
+        size = cfg.image_size_at(step)
         for b in micro:
             b = {k: v.to(accelerator.device) for k, v in b.items()}
+            inputs = {
+                k: b[k] for k in ("input_ids", "attention_mask", "position_ids", "pixel_values") if k in b
+            }
             with accelerator.accumulate(model):
-                logits = model(
-                    input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b.get("pixel_values")
-                ).logits
-                loss_sum = token_loss_sum(logits, b["labels"])
+                logits = model(**inputs).logits
+                loss_sum = weighted_loss_sum(logits, b["labels"], b["loss_weights"])
+                if not loss_sum.requires_grad:
+                    # e.g. only the projector trains and this micro-batch has no image: a zero
+                    # gradient still has to flow, so that every rank takes part in the reduction
+                    loss_sum = loss_sum + sum(p.sum() for p in params) * 0
                 # accelerate divides by `accum` and DDP averages over ranks: undo both, so the
-                # gradient is that of (sum over the global batch) / (its label tokens).
-                accelerator.backward(loss_sum * accelerator.num_processes * accum / n_label)
+                # gradient is that of (weighted sum over the global batch) / (its units).
+                accelerator.backward(loss_sum * accelerator.num_processes * accum / n_units)
                 if accelerator.sync_gradients and cfg.grad_clip:
                     accelerator.clip_grad_norm_(params, cfg.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             step_loss += loss_sum.detach()
-            window["tokens"] += int(b["attention_mask"].sum())
+            window["tokens"] += int(b["num_tokens"])
             n_img = 0 if "pixel_values" not in b else b["pixel_values"].shape[0]
-            window["flops"] += flops_per_step(accelerator.unwrap_model(model), int(b["attention_mask"].sum()), n_img)
+            window["flops"] += flops_per_step(base, int(b["num_tokens"]), n_img, size)
+            shape += torch.tensor(
+                [int(b["num_tokens"]), b["input_ids"].numel(), n_img], device=accelerator.device
+            )
         scheduler.step()
-        loss = (accelerator.reduce(step_loss, "sum") / n_label).item()
+        loss = (accelerator.reduce(step_loss, "sum") / n_units).item()
         lr = scheduler.get_last_lr()[0]
-        history.append({"step": step + 1, "loss": loss, "lr": lr})
+        tokens, positions, images = accelerator.reduce(shape, "sum").tolist()
+        history.append(
+            {
+                "step": step + 1,
+                "loss": loss,
+                "lr": lr,
+                "tokens": tokens,
+                "positions": positions,
+                "images": images,
+                "seconds": time.perf_counter() - t_step,
+            }
+        )
         window["loss"] += loss
         window["steps"] += 1
         bar.update(1)
@@ -284,7 +414,9 @@ def train_stage(cfg: StageConfig, resume: bool = False, stop_after: int | None =
             mfu = window["flops"] / dt / peak
             metrics = {"loss": window["loss"] / window["steps"], "lr": lr, "tokens_per_s": tok_s, "mfu": mfu}
             accelerator.log(metrics, step=step + 1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}", mfu=f"{mfu:.1%}")
+            bar.set_postfix(
+                loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}", mfu=f"{mfu:.1%}"
+            )
             window = {"loss": 0.0, "tokens": 0, "flops": 0.0, "steps": 0, "t": time.perf_counter()}
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
             save_checkpoint(accelerator, cfg, step + 1, scheduler, history)
@@ -296,10 +428,17 @@ def train_stage(cfg: StageConfig, resume: bool = False, stop_after: int | None =
         accelerator.wait_for_everyone()
         state_dict = accelerator.get_state_dict(model)
         if accelerator.is_main_process:
-            unwrapped = accelerator.unwrap_model(model)
-            unwrapped.config.use_cache = True
-            unwrapped.config.text_config.use_cache = True
-            unwrapped.save_pretrained(final, state_dict=state_dict, safe_serialization=True)
+            if cfg.lora:  # adapters merged into a fresh full-precision base: a plain LLaVA checkpoint
+                out = lora_lib.merged(
+                    cfg.model, cfg.lora, {k: v for k, v in state_dict.items() if k in trainable}
+                )
+                state_dict = None
+            else:
+                out = accelerator.unwrap_model(model)
+                out.set_attn_implementation("sdpa")  # the saved model must load where flash-attn is absent
+            out.config.use_cache = True
+            out.config.text_config.use_cache = True
+            out.save_pretrained(final, state_dict=state_dict, safe_serialization=True)
             vlm.processor.save_pretrained(final)
             (cfg.output_dir / "history.json").write_text(json.dumps(history))
     elif accelerator.is_main_process:

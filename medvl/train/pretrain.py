@@ -30,15 +30,29 @@ def _cosine(step: int, total: int, warmup: int = 20) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def pretrain_llm(spec: PresetSpec, tokenizer, lines: list[str], out: Path, *, steps: int = 300,
-                 batch_size: int = 16, seq_len: int = 128, lr: float = 3e-3, seed: int = 0,
-                 log=print) -> list[float]:
+def pretrain_llm(
+    spec: PresetSpec,
+    tokenizer,
+    lines: list[str],
+    out: Path,
+    *,
+    steps: int = 300,
+    batch_size: int = 16,
+    seq_len: int = 128,
+    lr: float = 3e-3,
+    seed: int = 0,
+    log=print,
+) -> list[float]:
     """Causal-LM pretraining on `lines` (packed into fixed-length rows, end-of-turn between lines).
     Saves model and tokenizer (with its chat template) to `out`. Returns the loss curve."""
     torch.manual_seed(seed)
     cfg = AutoConfig.for_model(
-        **spec.llm_config, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=None, use_cache=False,
+        **spec.llm_config,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        use_cache=False,
     )
     model = AutoModelForCausalLM.from_config(cfg)
     eos = tokenizer.eos_token_id
@@ -65,8 +79,10 @@ def pretrain_llm(spec: PresetSpec, tokenizer, lines: list[str], out: Path, *, st
         losses.append(loss.item())
         if (step + 1) % 50 == 0 or step + 1 == steps:
             tok_s = (step + 1) * batch_size * seq_len / (time.perf_counter() - t0)
-            log(f"  llm pretrain step {step + 1}/{steps} loss {sum(losses[-50:]) / len(losses[-50:]):.3f} "
-                f"({tok_s:.0f} tok/s)")
+            log(
+                f"  llm pretrain step {step + 1}/{steps} loss {sum(losses[-50:]) / len(losses[-50:]):.3f} "
+                f"({tok_s:.0f} tok/s)"
+            )
     model.config.use_cache = True
     model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -76,10 +92,19 @@ def pretrain_llm(spec: PresetSpec, tokenizer, lines: list[str], out: Path, *, st
     return losses
 
 
-def pretrain_vision(spec: PresetSpec, records: list[dict], image_root: Path, out: Path,
-                    fields: tuple[str, ...] = ("modality", "body_region", "finding", "grade", "location"),
-                    *, steps: int = 300, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
-                    log=print) -> list[float]:
+def pretrain_vision(
+    spec: PresetSpec,
+    records: list[dict],
+    image_root: Path,
+    out: Path,
+    fields: tuple[str, ...] = ("modality", "body_region", "finding", "grade", "location"),
+    *,
+    steps: int = 300,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    seed: int = 0,
+    log=print,
+) -> list[float]:
     """Supervised multi-head pretraining of a CLIP vision tower on labelled images. Saves the tower
     and its image processor to `out`. Returns the loss curve."""
     torch.manual_seed(seed)
@@ -117,8 +142,10 @@ def pretrain_vision(spec: PresetSpec, records: list[dict], image_root: Path, out
         losses.append(loss.item())
         accs.append(sum(correct) / len(correct))
         if (step + 1) % 50 == 0 or step + 1 == steps:
-            log(f"  vision pretrain step {step + 1}/{steps} loss {sum(losses[-50:]) / len(losses[-50:]):.3f} "
-                f"label accuracy {sum(accs[-50:]) / len(accs[-50:]):.2f}")
+            log(
+                f"  vision pretrain step {step + 1}/{steps} loss {sum(losses[-50:]) / len(losses[-50:]):.3f} "
+                f"label accuracy {sum(accs[-50:]) / len(accs[-50:]):.2f}"
+            )
     tower.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     (Path(out) / "label_heads.json").write_text(json.dumps(classes, indent=1))

@@ -1,0 +1,165 @@
+"""Soft packing and batch planning: packed rows keep every sample to itself (loss and gradients equal
+the unpacked batch's), loss normalisations, length-grouped rank-balanced micro-batches."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from medvl.data.conversations import Collator, ConversationDataset
+from medvl.data.packing import PackedCollator, balanced_bins, pack_rows, plan_micro_batches
+from medvl.model.build import build_preset, load
+from medvl.model.tokenizer import train_tokenizer
+from medvl.train.loop import GlobalBatchSampler, weighted_loss_sum
+
+LINES = [
+    f"The {m} shows a {f} in the {r} region."
+    for m in ("CT", "MRI", "X-ray", "ultrasound")
+    for f in ("mass", "nodule", "effusion", "fracture", "lesion")
+    for r in ("left", "right", "upper", "lower", "central")
+]
+
+
+def make_corpus(root, n: int, seed: int = 0) -> None:
+    """n LLaVA records of varied lengths, 4 in 5 with a small random image."""
+    rng = random.Random(seed)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n):
+        answer = " ".join(rng.choice(LINES) for _ in range(rng.randint(1, 4)))
+        rec = {
+            "id": str(i),
+            "conversations": [{"from": "human", "value": "Describe."}, {"from": "gpt", "value": answer}],
+        }
+        if i % 5:
+            pixels = torch.randint(
+                0, 255, (24, 24, 3), generator=torch.Generator().manual_seed(i), dtype=torch.uint8
+            )
+            Image.fromarray(pixels.numpy()).save(root / "img" / f"{i}.png")
+            rec["image"] = f"img/{i}.png"
+        records.append(rec)
+    (root / "data.json").write_text(json.dumps(records))
+
+
+def make_scale_root(tmp_path_factory):
+    """A tiny random-weight model and a small mixed-length corpus (images + text-only)."""
+    root = tmp_path_factory.mktemp("scale")
+    tok = train_tokenizer(LINES * 4, vocab_size=512)
+    build_preset("tiny", tokenizer=tok).save(root / "model")
+    make_corpus(root, 16)
+    return root
+
+
+@pytest.fixture(scope="session")
+def scale_tiny_model(tmp_path_factory):
+    return make_scale_root(tmp_path_factory)
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    inputs = {
+        k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "pixel_values") if k in batch
+    }
+    loss = (
+        weighted_loss_sum(model(**inputs).logits, batch["labels"], batch["loss_weights"])
+        / batch["loss_units"]
+    )
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("norm", ["token", "sample"])
+def test_packed_batch_equals_unpacked(scale_tiny_model, norm):
+    vlm = load(scale_tiny_model / "model")
+    model = vlm.model
+    model.config.text_config.use_cache = False
+    data = ConversationDataset(vlm, [(scale_tiny_model / "data.json", None)], 512)
+    items = [data[i] for i in range(8)]
+    unpacked = Collator(vlm, norm)(items)
+    packed = PackedCollator(vlm, 256, norm)(items)
+    assert packed["input_ids"].shape[0] < unpacked["input_ids"].shape[0]  # rows really hold several samples
+    assert int(packed["num_tokens"]) == int(unpacked["attention_mask"].sum())
+    assert int(packed["loss_units"]) == int(unpacked["loss_units"])
+
+    loss_u, grads_u = _loss_and_grads(model, unpacked)
+    loss_p, grads_p = _loss_and_grads(model, packed)
+    torch.testing.assert_close(loss_p, loss_u, rtol=1e-5, atol=1e-6)
+    assert grads_p.keys() == grads_u.keys()
+    scale = max(g.abs().max() for g in grads_u.values())
+    for name in grads_u:  # k-projection biases have zero true gradient: compare against the global scale
+        torch.testing.assert_close(grads_p[name], grads_u[name], rtol=1e-4, atol=1e-6 * scale, msg=name)
+
+    # Control: the same packed rows with an all-ones attention mask let samples see each other,
+    # and the loss changes, so the equality above is not vacuous.
+    leaky = packed | {"attention_mask": torch.ones_like(packed["input_ids"])}
+    leaky_loss, _ = _loss_and_grads(model, leaky)
+    assert abs(leaky_loss - loss_u) > 1e-3
+
+
+def test_sample_normalisation_weighs_samples_equally(scale_tiny_model):
+    vlm = load(scale_tiny_model / "model")
+    data = ConversationDataset(vlm, [(scale_tiny_model / "data.json", None)], 512)
+    b = Collator(vlm, "sample")([data[0], data[1], data[2]])
+    per_sample = b["loss_weights"].sum(-1)
+    torch.testing.assert_close(per_sample, torch.ones(3))
+    assert int(b["loss_units"]) == 3
+    t = Collator(vlm, "token")([data[0], data[1], data[2]])
+    assert int(t["loss_units"]) == int(t["loss_weights"].sum()) == int((t["labels"][:, 1:] != -100).sum())
+
+
+def test_pack_rows_fills_rows_without_splitting():
+    rng = random.Random(1)
+    lengths = [rng.randint(20, 400) for _ in range(60)]
+    rows = pack_rows(lengths, 1024)
+    assert sorted(i for r in rows for i in r) == list(range(60))
+    sums = [sum(lengths[i] for i in r) for r in rows]
+    assert max(sums) <= 1024
+    assert len(rows) <= -(-sum(lengths) // 1024) + 1
+    assert sum(lengths) / (len(rows) * max(sums)) > 0.9  # padding to the longest row wastes < 10%
+    with pytest.raises(ValueError, match="does not fit"):
+        pack_rows([10, 2000], 1024)
+
+
+def test_balanced_bins_are_deterministic_and_even():
+    lengths = [random.Random(2).randint(1, 100) for _ in range(50)]
+    a, b = balanced_bins(lengths, 4), balanced_bins(lengths, 4)
+    assert a == b
+    sums = [sum(lengths[i] for i in x) for x in a]
+    assert max(sums) - min(sums) <= max(lengths)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_plan_balances_ranks_and_groups_lengths(packed):
+    rng = random.Random(3)
+    lengths = [rng.choice([30, 40, 600, 900]) + rng.randint(0, 20) for _ in range(64)]
+    world, n_micro = 4, 16
+    plan = plan_micro_batches(lengths, n_micro, world, packed=packed, group=True)
+    assert sorted(i for m in plan for i in m) == list(range(64))
+    if packed:  # tokens per rank
+        cost = [sum(lengths[i] for i in m) for m in plan]
+    else:  # padded: every micro-batch holds micro_bs samples, costed size x longest
+        assert {len(m) for m in plan} == {4}
+        cost = [len(m) * max(lengths[i] for i in m) for m in plan]
+    per_rank = [sum(cost[j] for j in range(r, n_micro, world)) for r in range(world)]
+    ungrouped = plan_micro_batches(lengths, n_micro, world, packed=packed, group=False)
+    naive = [len(m) * max(lengths[i] for i in m) for m in ungrouped]
+    naive_rank = [sum(naive[j] for j in range(r, n_micro, world)) for r in range(world)]
+    assert max(per_rank) / min(per_rank) < (1.05 if packed else 1.2)
+    if not packed:  # grouping by length cuts padding
+        assert sum(cost) < 0.8 * sum(naive)
+    assert max(per_rank) <= max(naive_rank)
+
+
+def test_sampler_is_a_function_of_step():
+    lengths = [random.Random(4).randint(5, 500) for _ in range(40)]
+    kw = dict(lengths=lambda size: lengths, packed=True)
+    full = GlobalBatchSampler(40, 8, 2, 2, 1, seed=5, total_steps=6, **kw)
+    resumed = GlobalBatchSampler(40, 8, 2, 2, 1, seed=5, total_steps=6, start_step=3, **kw)
+    assert list(full)[3 * full.accum :] == list(resumed)
+    ranks = [list(GlobalBatchSampler(40, 8, 2, 2, r, seed=5, total_steps=1, **kw)) for r in range(2)]
+    seen = sorted(i for rank in ranks for micro in rank for i, _ in micro)
+    assert len(seen) == 8 and len(set(seen)) == 8
