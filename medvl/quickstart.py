@@ -146,7 +146,8 @@ def make_report(out: Path, results: dict, histories: dict, pretrain: dict, timin
         )
     lines += ["", "## Checks", ""]
     lines += [f"- [{'x' if ok else ' '}] {name}" for name, ok in checks.items()]
-    lines += ["", "## Loss curves", "", "![loss curves](loss_curves.png)", "", "## Time per pipeline step (s)", ""]
+    lines += ["", "## Loss curves", "", "![loss curves](loss_curves.png)", ""]
+    lines += ["## Time per pipeline step (s)", ""]
     lines += [f"- {k}: {v}" for k, v in timings.items()]
     lines += ["", f"Total: {sum(timings.values()):.0f}s", ""]
     (out / "report.md").write_text("\n".join(lines))

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 
+from conftest import SHARED_DATA
+
+from medvl.eval import evaluate, rescore
+from medvl.eval.harness import prediction_path
 from medvl.model.build import load
 from medvl.quickstart import run_quickstart
 from medvl.vocab import OMNIMEDVQA_QUESTION_TYPES
@@ -32,3 +36,13 @@ def test_quickstart_small_runs_the_whole_pipeline(tmp_path):
     results = report["results"]["after stage III"]
     n = results["overall"]["n"]
     assert n == sum(g["n"] for g in results["breakdowns"]["category"].values()) > 0
+
+    # The quickstart model on real SLAKE test questions (a slice: the model is 5M parameters and
+    # has never seen a real image, so only the plumbing and the scoring are checked here).
+    slake = SHARED_DATA / "slake"
+    if (slake / "test.json").exists():
+        rep = evaluate(out / "stage3" / "final", "slake", slake, out / "eval-slake", limit=24, progress=False)
+        assert rep["overall"]["n"] == 24
+        assert sum(g["n"] for g in rep["breakdowns"]["answer type"].values()) == 24
+        again = rescore(prediction_path(out / "eval-slake"), out / "eval-slake-again")
+        assert again["overall"] == rep["overall"]
