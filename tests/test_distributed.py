@@ -1,8 +1,10 @@
 """Two CPU processes (gloo) under `torchrun` (DDP through accelerate) reach the losses of one process
 with the same global batch (packed, length-grouped batches).
 
-FSDP is not tested here: accelerate 1.15 refuses FSDP without a GPU-class device ("no available
-devices found"), so it cannot run on the CPU-only CI machine."""
+The test checks that the two processes really formed one group (accelerate's MULTI_CPU): without
+`cpu=True` accelerate runs torchrun's processes as unrelated single processes, whose losses would
+match trivially. FSDP is not tested here: accelerate applies FSDP only to GPU-class process groups,
+not to MULTI_CPU, so it cannot run on the CPU-only CI machine."""
 
 from __future__ import annotations
 
@@ -52,11 +54,12 @@ def losses(root: Path, name: str) -> list[float]:
     return [h["loss"] for h in json.loads((root / name / "history.json").read_text())]
 
 
-def launch(root: Path, cfg: Path, *launcher) -> None:
+def launch(root: Path, cfg: Path, *launcher) -> str:
     cmd = [*launcher, "-m", "medvl.cli", "train", "-c", str(cfg)]
     env = os.environ | {"OMP_NUM_THREADS": "1", "MASTER_PORT": "29533"}
     done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout + done.stderr
 
 
 def test_ddp_matches_one_process(setup):
@@ -64,7 +67,7 @@ def test_ddp_matches_one_process(setup):
     train_stage(load_config(write(root, cfg, "single")))
     reference = losses(root, "single")
     # DDP through torchrun (accelerate picks up its environment; gloo on CPU)
-    launch(
+    log = launch(
         root,
         write(root, cfg, "ddp"),
         str(BIN / "torchrun"),
@@ -73,5 +76,6 @@ def test_ddp_matches_one_process(setup):
         "--master_port",
         "29533",
     )
+    assert "x 2 processes" in log  # one process group of two, each with half of every global batch
     assert losses(root, "ddp") == pytest.approx(reference, rel=1e-4)
     assert (root / "ddp" / "final" / "model.safetensors").exists()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -270,7 +270,10 @@ def train_stage(cfg: StageConfig, resume: bool = False, stop_after: int | None =
     """Run one stage; returns the folder of the final model (`<output_dir>/final`).
     `stop_after` ends the run early after that many steps (for tests of resume)."""
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
-    world = PartialState().num_processes
+    # Without a GPU, processes started by torchrun / accelerate launch must join one gloo group
+    # (accelerate's MULTI_CPU); without cpu=True accelerate runs them as unrelated single processes.
+    cpu = not torch.cuda.is_available()
+    world = PartialState(cpu=cpu).num_processes
     if cfg.global_batch_size % (cfg.micro_batch_size * world):
         raise ValueError(
             f"global_batch_size {cfg.global_batch_size} is not a multiple of "
@@ -278,6 +281,9 @@ def train_stage(cfg: StageConfig, resume: bool = False, stop_after: int | None =
         )
     accum = cfg.global_batch_size // (cfg.micro_batch_size * world)
     accelerator = Accelerator(
+        cpu=cpu,
+        # LLaVA reads the vision tower's hidden states, so its final norm / pooler get no gradient.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         gradient_accumulation_steps=accum,
         mixed_precision="bf16" if use_bf16 else "no",
         log_with="tensorboard",
@@ -421,7 +427,6 @@ def train_stage(cfg: StageConfig, resume: bool = False, stop_after: int | None =
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
             save_checkpoint(accelerator, cfg, step + 1, scheduler, history)
     bar.close()
-    accelerator.end_training()
 
     final = cfg.output_dir / "final"
     if end == total_steps:
@@ -443,4 +448,6 @@ def train_stage(cfg: StageConfig, resume: bool = False, stop_after: int | None =
             (cfg.output_dir / "history.json").write_text(json.dumps(history))
     elif accelerator.is_main_process:
         (cfg.output_dir / "history.json").write_text(json.dumps(history))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # last: it also tears down the process group
     return final
