@@ -185,7 +185,8 @@ def run_baseline(args, folder: Path, data: Path, slake: Path, work: Path) -> lis
     from medvl.model.build import load
 
     vlm = load(folder)
-    model = LlavaForConditionalGeneration.from_pretrained(folder, attn_implementation=args.attn)
+    attn = "sdpa" if args.attn == "auto" else args.attn  # what a user of stock transformers gets
+    model = LlavaForConditionalGeneration.from_pretrained(folder, attn_implementation=attn)
     model.config.use_cache = False
     dataset = ConversationDataset(vlm, [(data, slake / "imgs")], args.max_length)
     pad = Collator(vlm)
@@ -226,7 +227,7 @@ def run_baseline(args, folder: Path, data: Path, slake: Path, work: Path) -> lis
         logging_steps=1000,
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        gradient_checkpointing=args.gradient_checkpointing,
+        activation_checkpointing=args.gradient_checkpointing,
         seed=0,
         disable_tqdm=True,
     )
@@ -258,7 +259,12 @@ def main() -> None:
     )
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--vocab", type=int, default=2048)
-    p.add_argument("--attn", default="sdpa", help="attention implementation, for both runs")
+    p.add_argument(
+        "--attn",
+        default="auto",
+        help="attention implementation; auto: medvl's default for packed rows (varlen) against the "
+        "baseline's sdpa; any other value is used by both runs",
+    )
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args()

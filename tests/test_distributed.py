@@ -1,10 +1,10 @@
-"""Two CPU processes (gloo) under `torchrun` (DDP through accelerate) reach the losses of one process
-with the same global batch (packed, length-grouped batches).
+"""Two CPU processes (gloo) reach the losses of one process with the same global batch (packed,
+length-grouped batches): DDP under `torchrun`, FSDP2 under `accelerate launch` with the shipped
+configs/accelerate/fsdp.yaml.
 
-The test checks that the two processes really formed one group (accelerate's MULTI_CPU): without
-`cpu=True` accelerate runs torchrun's processes as unrelated single processes, whose losses would
-match trivially. FSDP is not tested here: accelerate applies FSDP only to GPU-class process groups,
-not to MULTI_CPU, so it cannot run on the CPU-only CI machine."""
+The tests check that the two processes really formed one group: without `cpu=True` accelerate runs
+torchrun's processes as unrelated single processes, whose losses would match trivially; and that
+FSDP really sharded the model (accelerate alone would run DDP on CPU processes)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from test_packing import make_scale_root
 
@@ -22,6 +23,15 @@ from medvl.train.config import load_config
 from medvl.train.loop import train_stage
 
 BIN = Path(sys.executable).parent
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+
+
+@pytest.fixture(scope="module")
+def single(setup):
+    """The reference: one process, the same global batch."""
+    root, cfg = setup
+    train_stage(load_config(write(root, cfg, "single")))
+    return losses(root, "single")
 
 
 @pytest.fixture(scope="module")
@@ -56,16 +66,16 @@ def losses(root: Path, name: str) -> list[float]:
 
 def launch(root: Path, cfg: Path, *launcher) -> str:
     cmd = [*launcher, "-m", "medvl.cli", "train", "-c", str(cfg)]
+    if Path(launcher[0]).name == "accelerate":  # accelerate launch runs a script: medvl's CLI module
+        cmd = [*launcher, "--module", "medvl.cli", "train", "-c", str(cfg)]
     env = os.environ | {"OMP_NUM_THREADS": "1", "MASTER_PORT": "29533"}
     done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout + done.stderr
 
 
-def test_ddp_matches_one_process(setup):
+def test_ddp_matches_one_process(setup, single):
     root, cfg = setup
-    train_stage(load_config(write(root, cfg, "single")))
-    reference = losses(root, "single")
     # DDP through torchrun (accelerate picks up its environment; gloo on CPU)
     log = launch(
         root,
@@ -77,5 +87,48 @@ def test_ddp_matches_one_process(setup):
         "29533",
     )
     assert "x 2 processes" in log  # one process group of two, each with half of every global batch
-    assert losses(root, "ddp") == pytest.approx(reference, rel=1e-4)
-    assert (root / "ddp" / "final" / "model.safetensors").exists()
+    assert losses(root, "ddp") == pytest.approx(single, rel=1e-4)
+    assert_same_weights(root / "single" / "final", root / "ddp" / "final")
+
+
+@pytest.mark.parametrize(
+    ("config", "wrapped"),
+    [
+        ("fsdp.yaml", "FSDP: FSDPLlavaForConditionalGeneration"),  # fully_shard's class: really sharded
+        ("zero2.yaml", "DEEPSPEED: DeepSpeedEngine"),
+        ("zero3.yaml", "DEEPSPEED: DeepSpeedEngine"),
+    ],
+)
+def test_sharded_matches_one_process(setup, single, config, wrapped):
+    """The shipped launch configs, as a user runs them, on 2 CPU processes: FSDP2, DeepSpeed ZeRO-2
+    and ZeRO-3 (optimizer state, gradients and, for FSDP and ZeRO-3, parameters sharded)."""
+    root, cfg = setup
+    name = config.removesuffix(".yaml")
+    log = launch(
+        root,
+        write(root, cfg, name),
+        str(BIN / "accelerate"),
+        "launch",
+        "--config_file",
+        str(CONFIGS / config),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "29534",
+        "--mixed_precision",
+        "no",
+    )
+    assert "x 2 processes" in log
+    assert wrapped in log
+    assert losses(root, name) == pytest.approx(single, rel=1e-4)
+    # the gathered full state dict is the model one process trained, as a plain checkpoint
+    assert_same_weights(root / "single" / "final", root / name / "final")
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)

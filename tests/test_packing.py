@@ -14,7 +14,7 @@ from medvl.data.conversations import Collator, ConversationDataset
 from medvl.data.packing import PackedCollator, balanced_bins, pack_rows, plan_micro_batches
 from medvl.model.build import build_preset, load
 from medvl.model.tokenizer import train_tokenizer
-from medvl.train.loop import GlobalBatchSampler, weighted_loss_sum
+from medvl.train.loop import GlobalBatchSampler, model_inputs, weighted_loss_sum
 
 LINES = [
     f"The {m} shows a {f} in the {r} region."
@@ -61,31 +61,32 @@ def scale_tiny_model(tmp_path_factory):
 
 def _loss_and_grads(model, batch):
     model.zero_grad()
-    inputs = {
-        k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "pixel_values") if k in batch
-    }
     loss = (
-        weighted_loss_sum(model(**inputs).logits, batch["labels"], batch["loss_weights"])
+        weighted_loss_sum(model(**model_inputs(batch)).logits, batch["labels"], batch["loss_weights"])
         / batch["loss_units"]
     )
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("norm", ["token", "sample"])
-def test_packed_batch_equals_unpacked(scale_tiny_model, norm):
+@pytest.mark.parametrize(("norm", "attn"), [("token", "sdpa"), ("sample", "sdpa"), ("token", "varlen")])
+def test_packed_batch_equals_unpacked(scale_tiny_model, norm, attn):
+    """sdpa: transformers' block-diagonal mask from position_ids; varlen: medvl's per-sample attention
+    (what `packing: soft` trains with by default). The unpacked reference always runs stock sdpa."""
     vlm = load(scale_tiny_model / "model")
     model = vlm.model
     model.config.text_config.use_cache = False
     data = ConversationDataset(vlm, [(scale_tiny_model / "data.json", None)], 512)
     items = [data[i] for i in range(8)]
     unpacked = Collator(vlm, norm)(items)
-    packed = PackedCollator(vlm, 256, norm)(items)
+    # varlen trains with the whole micro-batch in one row; the masked path with rows of <= 256 tokens
+    packed = PackedCollator(vlm, None if attn == "varlen" else 256, norm)(items)
     assert packed["input_ids"].shape[0] < unpacked["input_ids"].shape[0]  # rows really hold several samples
     assert int(packed["num_tokens"]) == int(unpacked["attention_mask"].sum())
     assert int(packed["loss_units"]) == int(unpacked["loss_units"])
 
     loss_u, grads_u = _loss_and_grads(model, unpacked)
+    model.set_attn_implementation({"text_config": attn, "vision_config": "sdpa"})
     loss_p, grads_p = _loss_and_grads(model, packed)
     torch.testing.assert_close(loss_p, loss_u, rtol=1e-5, atol=1e-6)
     assert grads_p.keys() == grads_u.keys()
@@ -93,9 +94,11 @@ def test_packed_batch_equals_unpacked(scale_tiny_model, norm):
     for name in grads_u:  # k-projection biases have zero true gradient: compare against the global scale
         torch.testing.assert_close(grads_p[name], grads_u[name], rtol=1e-4, atol=1e-6 * scale, msg=name)
 
-    # Control: the same packed rows with an all-ones attention mask let samples see each other,
-    # and the loss changes, so the equality above is not vacuous.
-    leaky = packed | {"attention_mask": torch.ones_like(packed["input_ids"])}
+    # Control: the same packed rows with an all-ones attention mask (and no boundaries) let samples
+    # see each other, and the loss changes, so the equality above is not vacuous.
+    model.set_attn_implementation("sdpa")
+    leaky = {k: v for k, v in packed.items() if k != "cu_seq_lens"}
+    leaky["attention_mask"] = torch.ones_like(packed["input_ids"])
     leaky_loss, _ = _loss_and_grads(model, leaky)
     assert abs(leaky_loss - loss_u) > 1e-3
 
@@ -163,3 +166,36 @@ def test_sampler_is_a_function_of_step():
     ranks = [list(GlobalBatchSampler(40, 8, 2, 2, r, seed=5, total_steps=1, **kw)) for r in range(2)]
     seen = sorted(i for rank in ranks for micro in rank for i, _ in micro)
     assert len(seen) == 8 and len(set(seen)) == 8
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_varlen_attention_equals_block_masked_sdpa(kv_heads):
+    """medvl's varlen attention against sdpa with an explicit block-diagonal causal mask, for plain
+    and grouped-query heads, rows holding several samples and a padded tail."""
+    from medvl.model.attention import boundaries, varlen_attention_forward
+
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5, 0, 1, 0, 1]])
+    b, s, heads, d = 2, 10, 4, 8
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(b, heads, s, d, generator=g, requires_grad=True)
+    k = torch.randn(b, kv_heads, s, d, generator=g, requires_grad=True)
+    v = torch.randn(b, kv_heads, s, d, generator=g, requires_grad=True)
+    cu, longest = boundaries(positions)
+    assert cu.tolist() == [0, 4, 7, 9, 10, 16, 18, 20] and longest == 6
+    module = torch.nn.Module()
+    out, _ = varlen_attention_forward(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=longest)
+
+    sample = (positions == 0).cumsum(-1)
+    idx = torch.arange(s)
+    mask = (sample[:, :, None] == sample[:, None, :]) & (idx[:, None] >= idx[None, :])
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask[:, None], enable_gqa=kv_heads != heads
+    ).transpose(1, 2)
+    torch.testing.assert_close(out, ref)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    for a, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, r)
+    # boundaries read from position_ids when none are passed
+    again, _ = varlen_attention_forward(module, q, k, v, None, position_ids=positions)
+    torch.testing.assert_close(again, out)

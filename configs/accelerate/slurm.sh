@@ -14,4 +14,5 @@ MASTER=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 srun bash -c "accelerate launch --config_file configs/accelerate/multi-node.yaml \
   --num_machines $SLURM_NNODES --num_processes $((SLURM_NNODES * GPUS_PER_NODE)) \
   --machine_rank \$SLURM_NODEID --main_process_ip $MASTER --main_process_port 29500 \
+  --parallelism_config_dp_replicate_size $SLURM_NNODES --parallelism_config_dp_shard_size $GPUS_PER_NODE \
   -m medvl.cli train -c $STAGE --resume"

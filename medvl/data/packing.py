@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from medvl.data.conversations import IGNORE, Collator, Sample
+from medvl.model.attention import boundaries
 
 
 def balanced_bins(weights: list[int], k: int) -> list[list[int]]:
@@ -75,17 +76,23 @@ def plan_micro_batches(
 
 
 class PackedCollator(Collator):
-    """Whole samples packed into rows of at most `max_length` tokens. No attention mask: transformers
-    reads the sample boundaries from the restarting `position_ids` (masked path on CPU, flash-attention
-    varlen on GPU), which needs `use_cache=False`. The first token of each sample gets no label, so no
-    sample learns to predict its neighbour."""
+    """Whole samples packed into rows. No attention mask: the sample boundaries are in the restarting
+    `position_ids` (which transformers' sdpa/eager paths turn into a block-diagonal mask, and which
+    needs `use_cache=False`) and, for the varlen paths (medvl's `varlen`, flash-attention), in
+    `cu_seq_lens` / `max_seq_len`. The first token of each sample gets no label, so no sample learns
+    to predict its neighbour.
 
-    def __init__(self, vlm, max_length: int, loss_normalization: str = "token") -> None:
+    `row_length`: rows of at most that many tokens, of near-equal length (a masked attention path
+    computes every row in full, so rows are kept short). None: the whole micro-batch in one row, no
+    padding at all, for varlen attention, whose cost does not depend on the row."""
+
+    def __init__(self, vlm, row_length: int | None, loss_normalization: str = "token") -> None:
         super().__init__(vlm, loss_normalization)
-        self.max_length = max_length
+        self.row_length = row_length
 
     def __call__(self, batch: list[tuple[Sample, list[Image.Image]]]) -> dict[str, torch.Tensor]:
-        rows = pack_rows([len(s.input_ids) for s, _ in batch], self.max_length)
+        lengths = [len(s.input_ids) for s, _ in batch]
+        rows = [list(range(len(batch)))] if self.row_length is None else pack_rows(lengths, self.row_length)
         width = max(sum(len(batch[i][0].input_ids) for i in r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
@@ -106,6 +113,14 @@ class PackedCollator(Collator):
                 order.append(i)
             # the padded tail is one more "sample" of its own, with no labels
             positions[r, at:] = torch.arange(width - at)
-        out = {"input_ids": ids, "labels": labels, "position_ids": positions, "loss_weights": weights}
+        cu, longest = boundaries(positions)
+        out = {
+            "input_ids": ids,
+            "labels": labels,
+            "position_ids": positions,
+            "loss_weights": weights,
+            "cu_seq_lens": cu,
+            "max_seq_len": torch.tensor(longest),
+        }
         out.update(self.counts(batch, weights))
         return out | self.pixels([batch[i] for i in order])

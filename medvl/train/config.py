@@ -60,7 +60,8 @@ class StageConfig(Strict):
     data: list[DataSource] = Field(min_length=1)
 
     freeze: Freeze
-    # soft: whole samples packed into rows of up to max_length tokens, each attending only to itself
+    # soft: whole samples packed into rows, each attending only to itself: with varlen attention the
+    # whole micro-batch in one row, with sdpa/eager rows of up to max_length tokens
     packing: Literal["none", "soft"] = "none"
     # token: every assistant token of the global batch weighs the same (long answers count more);
     # sample: mean over samples of each sample's mean token loss
@@ -68,7 +69,8 @@ class StageConfig(Strict):
     # deal each global batch into micro-batches of similar lengths (less padding), spread so that
     # every rank gets the same number of tokens
     group_by_length: bool = True
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # auto: varlen (per-sample attention, medvl.model.attention) for packed rows, sdpa otherwise
+    attn_implementation: Literal["auto", "varlen", "sdpa", "eager", "flash_attention_2"] = "auto"
     gradient_checkpointing: bool = False
     resolution_schedule: list[ResolutionStep] | None = None  # progressive resolution, low to high
     lora: Lora | None = None

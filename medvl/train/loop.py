@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -18,7 +19,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    set_seed,
+)
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -190,12 +196,40 @@ def flops_per_step(model, n_text_tokens: int, n_images: int, image_size: int | N
     return n_llm * n_text_tokens * llm_factor + n_vision * patches * n_images * vision_factor
 
 
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
+    """The model's keyword arguments from a collated batch. Packed rows carry their sample boundaries
+    under the names transformers passes down to the attention layers (varlen and flash-attention)."""
+    inputs = {
+        k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "pixel_values") if k in batch
+    }
+    if "cu_seq_lens" in batch:
+        longest = int(batch["max_seq_len"])
+        inputs |= {
+            "cu_seq_lens_q": batch["cu_seq_lens"],
+            "cu_seq_lens_k": batch["cu_seq_lens"],
+            "max_length_q": longest,
+            "max_length_k": longest,
+        }
+    return inputs
+
+
 def weighted_loss_sum(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy at labelled positions, each weighted (see `Collator`), summed."""
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     shift_labels = labels[:, 1:].reshape(-1)
     ce = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE, reduction="none")
     return (ce * weights[:, 1:].reshape(-1)).sum()
+
+
+def attn_implementation(cfg: StageConfig) -> str:
+    if cfg.attn_implementation == "auto":
+        return "varlen" if cfg.packing == "soft" else "sdpa"
+    return cfg.attn_implementation
+
+
+def varlen_attention(cfg: StageConfig) -> bool:
+    """Attention whose cost is per sample, not per row: packed micro-batches go into one row."""
+    return attn_implementation(cfg) in ("varlen", "flash_attention_2")
 
 
 def prepare_model(vlm: VLM, cfg: StageConfig):
@@ -205,7 +239,11 @@ def prepare_model(vlm: VLM, cfg: StageConfig):
     # Packed rows are recognised from position_ids only when no cache is built.
     model.config.use_cache = False
     model.config.text_config.use_cache = False
-    model.set_attn_implementation(cfg.attn_implementation)
+    attn = attn_implementation(cfg)
+    # the vision tower sees whole images, never packed rows
+    model.set_attn_implementation(
+        {"text_config": attn, "vision_config": "sdpa" if attn == "varlen" else attn}
+    )
     vision = model.config.vision_config
     if cfg.image_size and cfg.image_size != vision.image_size:
         raise ValueError(f"image_size {cfg.image_size} differs from the vision tower's {vision.image_size}")
@@ -228,6 +266,29 @@ def prepare_model(vlm: VLM, cfg: StageConfig):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trained = lora_lib.add_adapters(model, cfg.lora) if cfg.lora else model
     return trained, apply_freeze(model, cfg)
+
+
+def enable_fsdp_on_cpu(accelerator: Accelerator) -> None:
+    """FSDP2 for processes without a GPU (a gloo group), as `accelerate launch` with an FSDP config
+    asked. accelerate 1.15 applies FSDP only to GPU-class process groups and would silently run
+    DDP on MULTI_CPU; FSDP2 itself (torch `fully_shard`) runs on gloo, and so does accelerate's FSDP2
+    preparation once the state says FSDP. This is what lets the FSDP path be tested on a CPU machine."""
+    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables accelerate launch set
+    if plugin.fsdp_version != 2:
+        raise ValueError("FSDP without a GPU needs fsdp_version: 2 in the accelerate config")
+    # both singletons: a later AcceleratorState() copies PartialState's fields over its own
+    PartialState().distributed_type = accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+
+
+def fsdp_layers(plugin: FullyShardedDataParallelPlugin, model) -> None:
+    """Per-layer shard units for `TRANSFORMER_BASED_WRAP` without named classes: the layer classes of
+    the model's `_no_split_modules` that it really contains. LLaVA lists those of every tower its
+    config could hold (CLIPTextEmbeddings for a vision-only CLIP tower), and accelerate refuses
+    names it does not find."""
+    if plugin.transformer_cls_names_to_wrap is None and model._no_split_modules:
+        present = {type(m).__name__ for m in model.modules()}
+        plugin.transformer_cls_names_to_wrap = sorted(set(model._no_split_modules) & present)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -272,16 +333,33 @@ def train_stage(cfg: StageConfig, resume: bool = False, stop_after: int | None =
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
     # Without a GPU, processes started by torchrun / accelerate launch must join one gloo group
     # (accelerate's MULTI_CPU); without cpu=True accelerate runs them as unrelated single processes.
+    # DeepSpeed brings its own CPU accelerator and only needs to be told to use gloo.
     cpu = not torch.cuda.is_available()
-    world = PartialState(cpu=cpu).num_processes
+    use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if cpu and use_deepspeed:
+        import deepspeed.ops
+
+        # gloo is enough: do not JIT-compile DeepSpeed's shared-memory CPU collective (g++, ~75 s)
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    group = {"backend": "gloo"} if cpu and use_deepspeed else {"cpu": cpu}
+    world = PartialState(**group).num_processes
     if cfg.global_batch_size % (cfg.micro_batch_size * world):
         raise ValueError(
             f"global_batch_size {cfg.global_batch_size} is not a multiple of "
             f"micro_batch_size {cfg.micro_batch_size} x {world} processes"
         )
     accum = cfg.global_batch_size // (cfg.micro_batch_size * world)
+    set_seed(cfg.seed)
+    # Loaded before the Accelerator exists: under a ZeRO-3 config transformers would otherwise take
+    # its ZeRO-3 loading path, which records legacy key renamings that the final save then writes
+    # out (language_model.model.model.*). ZeRO-3 partitions the model at prepare() instead.
+    if cfg.lora and cfg.lora.quantize_4bit:
+        lora_lib.check_qlora()
+        vlm = lora_lib.load_4bit(cfg.model, cfg.lora)
+    else:
+        vlm = load(cfg.model)
     accelerator = Accelerator(
-        cpu=cpu,
+        cpu=cpu and not use_deepspeed,
         # LLaVA reads the vision tower's hidden states, so its final norm / pooler get no gradient.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         gradient_accumulation_steps=accum,
@@ -289,12 +367,14 @@ def train_stage(cfg: StageConfig, resume: bool = False, stop_after: int | None =
         log_with="tensorboard",
         project_dir=str(cfg.output_dir),
     )
-    set_seed(cfg.seed)
-    if cfg.lora and cfg.lora.quantize_4bit:
-        lora_lib.check_qlora()
-        vlm = lora_lib.load_4bit(cfg.model, cfg.lora)
-    else:
-        vlm = load(cfg.model)
+    if cpu and world > 1 and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        enable_fsdp_on_cpu(accelerator)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        # the stage decides: DeepSpeed's engine clips (its default is 1.0, whatever the stage says)
+        # and counts micro-batches (we prepare no DataLoader it could read the size from)
+        ds["gradient_clipping"] = cfg.grad_clip or 0.0
+        ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
     base = vlm.model
     model, counts = prepare_model(vlm, cfg)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -318,7 +398,11 @@ def train_stage(cfg: StageConfig, resume: bool = False, stop_after: int | None =
         fused=accelerator.device.type == "cuda",
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    if accelerator.distributed_type == DistributedType.FSDP:
+        fsdp_layers(accelerator.state.fsdp_plugin, base)
     model, optimizer = accelerator.prepare(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP replaces them with shards
+    deepspeed_engine = accelerator.distributed_type == DistributedType.DEEPSPEED  # it clips and steps
 
     start_step, history = 0, []
     ckpt = latest_checkpoint(cfg.output_dir) if resume else None
@@ -343,7 +427,7 @@ def train_stage(cfg: StageConfig, resume: bool = False, stop_after: int | None =
         packed=cfg.packing == "soft",
     )
     collate = (
-        PackedCollator(vlm, cfg.max_length, cfg.loss_normalization)
+        PackedCollator(vlm, None if varlen_attention(cfg) else cfg.max_length, cfg.loss_normalization)
         if cfg.packing == "soft"
         else Collator(vlm, cfg.loss_normalization)
     )
@@ -353,8 +437,8 @@ def train_stage(cfg: StageConfig, resume: bool = False, stop_after: int | None =
     peak = cfg.peak_flops or peak_flops(accelerator.device, torch.bfloat16 if use_bf16 else torch.float32)
     accelerator.print(
         f"[{cfg.stage}] {len(dataset)} samples, {total_steps} steps of {cfg.global_batch_size} "
-        f"({cfg.micro_batch_size} x {accum} accumulation x {accelerator.num_processes} processes); "
-        f"trainable: {counts}"
+        f"({cfg.micro_batch_size} x {accum} accumulation x {accelerator.num_processes} processes, "
+        f"{accelerator.distributed_type.value}: {type(model).__name__}); trainable: {counts}"
     )
     model.train()
     bar = tqdm(total=total_steps, initial=start_step, disable=not accelerator.is_main_process, desc=cfg.stage)
@@ -372,11 +456,8 @@ def train_stage(cfg: StageConfig, resume: bool = False, stop_after: int | None =
         size = cfg.image_size_at(step)
         for b in micro:
             b = {k: v.to(accelerator.device) for k, v in b.items()}
-            inputs = {
-                k: b[k] for k in ("input_ids", "attention_mask", "position_ids", "pixel_values") if k in b
-            }
             with accelerator.accumulate(model):
-                logits = model(**inputs).logits
+                logits = model(**model_inputs(b)).logits
                 loss_sum = weighted_loss_sum(logits, b["labels"], b["loss_weights"])
                 if not loss_sum.requires_grad:
                     # e.g. only the projector trains and this micro-batch has no image: a zero
@@ -385,7 +466,7 @@ def train_stage(cfg: StageConfig, resume: bool = False, stop_after: int | None =
                 # accelerate divides by `accum` and DDP averages over ranks: undo both, so the
                 # gradient is that of (weighted sum over the global batch) / (its units).
                 accelerator.backward(loss_sum * accelerator.num_processes * accum / n_units)
-                if accelerator.sync_gradients and cfg.grad_clip:
+                if accelerator.sync_gradients and cfg.grad_clip and not deepspeed_engine:
                     accelerator.clip_grad_norm_(params, cfg.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

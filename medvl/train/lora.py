@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -68,8 +69,10 @@ def load_4bit(folder: Path, lora: Lora) -> VLM:
         bnb_4bit_use_double_quant=True,
         llm_int8_skip_modules=skip,
     )
+    # each process quantizes its own copy onto its own GPU
+    gpu = PartialState().local_process_index
     model = LlavaForConditionalGeneration.from_pretrained(
-        folder, quantization_config=quant, dtype=torch.bfloat16, use_safetensors=True, device_map={"": 0}
+        folder, quantization_config=quant, dtype=torch.bfloat16, use_safetensors=True, device_map={"": gpu}
     )
     processor = AutoProcessor.from_pretrained(folder)
     processor.tokenizer.padding_side = "left"
