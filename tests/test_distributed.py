@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,10 +65,10 @@ def losses(root: Path, name: str) -> list[float]:
     return [h["loss"] for h in json.loads((root / name / "history.json").read_text())]
 
 
-def launch(root: Path, cfg: Path, *launcher) -> str:
-    cmd = [*launcher, "-m", "medvl.cli", "train", "-c", str(cfg)]
+def launch(root: Path, cfg: Path, *launcher, extra: tuple[str, ...] = ()) -> str:
+    cmd = [*launcher, "-m", "medvl.cli", "train", "-c", str(cfg), *extra]
     if Path(launcher[0]).name == "accelerate":  # accelerate launch runs a script: medvl's CLI module
-        cmd = [*launcher, "--module", "medvl.cli", "train", "-c", str(cfg)]
+        cmd = [*launcher, "--module", "medvl.cli", "train", "-c", str(cfg), *extra]
     env = os.environ | {"OMP_NUM_THREADS": "1", "MASTER_PORT": "29533"}
     done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -104,9 +105,7 @@ def test_sharded_matches_one_process(setup, single, config, wrapped):
     and ZeRO-3 (optimizer state, gradients and, for FSDP and ZeRO-3, parameters sharded)."""
     root, cfg = setup
     name = config.removesuffix(".yaml")
-    log = launch(
-        root,
-        write(root, cfg, name),
+    launcher = [
         str(BIN / "accelerate"),
         "launch",
         "--config_file",
@@ -117,11 +116,21 @@ def test_sharded_matches_one_process(setup, single, config, wrapped):
         "29534",
         "--mixed_precision",
         "no",
-    )
+    ]
+    log = launch(root, write(root, cfg | {"save_every": 1}, name), *launcher)
     assert "x 2 processes" in log
     assert wrapped in log
     assert losses(root, name) == pytest.approx(single, rel=1e-4)
     # the gathered full state dict is the model one process trained, as a plain checkpoint
+    assert_same_weights(root / "single" / "final", root / name / "final")
+
+    # Killed after step 1: the sharded checkpoint of step 1 (save_every: 1) is all that is left.
+    # Resuming from it reaches the same final model.
+    shutil.rmtree(root / name / "final")
+    (root / name / "history.json").unlink()
+    log = launch(root, root / f"{name}.yaml", *launcher, extra=("--resume",))
+    assert "resumed from" in log and "step-00000001" in log
+    assert losses(root, name) == pytest.approx(single, rel=1e-4)
     assert_same_weights(root / "single" / "final", root / name / "final")
 
 

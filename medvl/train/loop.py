@@ -115,17 +115,35 @@ def apply_freeze(model, cfg: StageConfig) -> dict[str, int]:
         "projector": [model.model.multi_modal_projector],
         "llm": [model.model.language_model, model.lm_head],
     }
+    unread = unread_vision_parameters(model)
     counts = {}
     for name, modules in parts.items():
         frozen = getattr(cfg.freeze, name)
         n = 0
         for m in modules:
             for pname, p in m.named_parameters():
-                trains = not frozen and (name not in with_lora or "lora_" in pname)
+                trains = not frozen and (name not in with_lora or "lora_" in pname) and p not in unread
                 p.requires_grad_(trains)
                 n += p.numel() * trains
         counts[name] = n
     return counts
+
+
+def unread_vision_parameters(model) -> set[torch.nn.Parameter]:
+    """Vision-tower parameters LLaVA never reads, so never trained: it takes the hidden states of
+    `vision_feature_layer` (-2 by default), so later layers, the final norm and any pooling head get
+    no gradient. Freezing them keeps them out of the optimizer: no memory spent on their state, and
+    sharded (FSDP/ZeRO) optimizer checkpoints have state for every parameter they list."""
+    tower = model.model.vision_tower
+    tower = getattr(tower, "vision_model", tower)  # transformers 5 CLIP towers hold their layers directly
+    if not hasattr(tower, "encoder"):
+        return set()
+    n = len(tower.encoder.layers)
+    layer = model.config.vision_feature_layer
+    # hidden_states[i] is the output of encoder layer i (1-based), hidden_states[0] the embeddings
+    read = max(i % (n + 1) for i in (layer if isinstance(layer, list) else [layer]))
+    unread = [*tower.encoder.layers[read:]] + [getattr(tower, k, None) for k in ("post_layernorm", "head")]
+    return {p for m in unread if m is not None for p in m.parameters()}
 
 
 def lr_lambda(cfg: StageConfig, total_steps: int):
