@@ -98,11 +98,15 @@ def test_ddp_matches_one_process(setup, single):
         ("fsdp.yaml", "FSDP: FSDPLlavaForConditionalGeneration"),  # fully_shard's class: really sharded
         ("zero2.yaml", "DEEPSPEED: DeepSpeedEngine"),
         ("zero3.yaml", "DEEPSPEED: DeepSpeedEngine"),
+        # parameters and optimizer state in CPU memory, updated by DeepSpeed's CPU Adam (compiled
+        # with g++ on first use, ~80 s here; cached under ~/.cache/torch_extensions after that)
+        ("zero3-offload.yaml", "DEEPSPEED: DeepSpeedEngine"),
     ],
 )
 def test_sharded_matches_one_process(setup, single, config, wrapped):
-    """The shipped launch configs, as a user runs them, on 2 CPU processes: FSDP2, DeepSpeed ZeRO-2
-    and ZeRO-3 (optimizer state, gradients and, for FSDP and ZeRO-3, parameters sharded)."""
+    """The shipped launch configs, as a user runs them, on 2 CPU processes: FSDP2, DeepSpeed ZeRO-2,
+    ZeRO-3 and ZeRO-3 with offload (optimizer state, gradients and, for FSDP and ZeRO-3, parameters
+    sharded)."""
     root, cfg = setup
     name = config.removesuffix(".yaml")
     launcher = [

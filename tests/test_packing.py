@@ -168,34 +168,49 @@ def test_sampler_is_a_function_of_step():
     assert len(seen) == 8 and len(set(seen)) == 8
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_varlen_attention_equals_block_masked_sdpa(kv_heads):
+def test_varlen_attention_equals_block_masked_sdpa(kv_heads, device):
     """medvl's varlen attention against sdpa with an explicit block-diagonal causal mask, for plain
-    and grouped-query heads, rows holding several samples and a padded tail."""
+    and grouped-query heads, rows holding several samples and a padded tail. On a GPU in bf16 it runs
+    PyTorch's flash varlen kernel, on the CPU one sdpa call per sample."""
     from medvl.model.attention import boundaries, varlen_attention_forward
 
-    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5, 0, 1, 0, 1]])
-    b, s, heads, d = 2, 10, 4, 8
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5, 0, 1, 0, 1]], device=device)
+    b, s, heads, d = 2, 10, 4, 64
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(b, heads, s, d, generator=g, requires_grad=True)
-    k = torch.randn(b, kv_heads, s, d, generator=g, requires_grad=True)
-    v = torch.randn(b, kv_heads, s, d, generator=g, requires_grad=True)
+
+    def rand(h):
+        return torch.randn(b, h, s, d, generator=g).to(device, dtype).requires_grad_()
+
+    q, k, v = rand(heads), rand(kv_heads), rand(kv_heads)
     cu, longest = boundaries(positions)
     assert cu.tolist() == [0, 4, 7, 9, 10, 16, 18, 20] and longest == 6
     module = torch.nn.Module()
     out, _ = varlen_attention_forward(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=longest)
 
     sample = (positions == 0).cumsum(-1)
-    idx = torch.arange(s)
+    idx = torch.arange(s, device=device)
     mask = (sample[:, :, None] == sample[:, None, :]) & (idx[:, None] >= idx[None, :])
+    # the reference runs in fp32 (on the GPU too, from the same bf16 values)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     ref = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask[:, None], enable_gqa=kv_heads != heads
+        q32, k32, v32, attn_mask=mask[:, None], enable_gqa=kv_heads != heads
     ).transpose(1, 2)
-    torch.testing.assert_close(out, ref)
-    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
-    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+
+    def close(a, r):  # bf16 keeps ~3 significant digits
+        tol = {"rtol": 0.05, "atol": 0.02 * float(r.abs().max())} if dtype == torch.bfloat16 else {}
+        torch.testing.assert_close(a.float(), r, **tol)
+
+    close(out, ref)
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q32, k32, v32))
     for a, r in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(a, r)
+        close(a, r)
     # boundaries read from position_ids when none are passed
     again, _ = varlen_attention_forward(module, q, k, v, None, position_ids=positions)
     torch.testing.assert_close(again, out)

@@ -299,6 +299,13 @@ def enable_fsdp_on_cpu(accelerator: Accelerator) -> None:
     accelerator.state.fsdp_plugin = plugin
 
 
+def deepspeed_offloads_optimizer(accelerator: Accelerator) -> bool:
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return False
+    zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+    return zero.get("offload_optimizer", {}).get("device", "none") == "cpu"
+
+
 def fsdp_layers(plugin: FullyShardedDataParallelPlugin, model) -> None:
     """Per-layer shard units for `TRANSFORMER_BASED_WRAP` without named classes: the layer classes of
     the model's `_no_split_modules` that it really contains. LLaVA lists those of every tower its
@@ -407,14 +414,23 @@ def train_stage(cfg: StageConfig, resume: bool = False, stop_after: int | None =
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
 
     params = [p for p in model.parameters() if p.requires_grad]
-    # fused: one kernel for the whole update on GPU (the transformers Trainer default too)
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=cfg.lr,
-        betas=cfg.betas,
-        weight_decay=cfg.weight_decay,
-        fused=accelerator.device.type == "cuda",
-    )
+    if deepspeed_offloads_optimizer(accelerator):
+        # ZeRO-Offload keeps optimizer state in CPU memory and refuses torch's AdamW there: DeepSpeed's
+        # vectorised CPU Adam (compiled on first use) in AdamW mode is the same update, much faster.
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(
+            params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, adamw_mode=True
+        )
+    else:
+        # fused: one kernel for the whole update on GPU (the transformers Trainer default too)
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=cfg.lr,
+            betas=cfg.betas,
+            weight_decay=cfg.weight_decay,
+            fused=accelerator.device.type == "cuda",
+        )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     if accelerator.distributed_type == DistributedType.FSDP:
         fsdp_layers(accelerator.state.fsdp_plugin, base)
