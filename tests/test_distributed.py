@@ -71,7 +71,9 @@ def launch(root: Path, cfg: Path, *launcher, extra: tuple[str, ...] = ()) -> str
         cmd = [*launcher, "--module", "medvl.cli", "train", "-c", str(cfg), *extra]
     env = os.environ | {"OMP_NUM_THREADS": "1", "MASTER_PORT": "29533"}
     done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # on failure: every process's error lines (the first rank to fail is rarely the last to print)
+    errors = [line for line in done.stderr.splitlines() if "Error" in line or "error:" in line]
+    assert done.returncode == 0, "\n".join(errors[-40:]) + "\n...\n" + done.stderr[-2000:]
     return done.stdout + done.stderr
 
 
