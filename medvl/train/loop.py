@@ -336,9 +336,12 @@ def save_checkpoint(
     tmp = root / f".tmp-{CKPT_PREFIX}{step:08d}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)  # before any rank writes its shard into it
     accelerator.wait_for_everyone()
-    # model (safetensors), optimizer and RNG states; accelerate reloads them with weights_only=True
+    # model (safetensors), optimizer and RNG states; accelerate reloads them with weights_only=True.
+    # Under FSDP / DeepSpeed every rank writes its own shard files.
     accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()  # every shard written before the directory is renamed
     if accelerator.is_main_process:
         state = {"step": step, "scheduler": scheduler.state_dict(), "history": history}
         (tmp / "trainer_state.json").write_text(json.dumps(state))
