@@ -130,7 +130,10 @@ def summarise(
     from medvl.train.loop import flops_per_step
 
     timed = steps[1:]  # the first step warms up kernels and allocators
-    flops = sum(flops_per_step(model, s["tokens"], s["images"]) for s in timed)
+    # the LM head's FLOPs where it ran: medvl's loop records it, the baseline runs it on every token
+    flops = sum(
+        flops_per_step(model, s["tokens"], s["images"], n_logits=s.get("logit_positions")) for s in timed
+    )
     seconds = sum(s["seconds"] for s in timed)
     tokens = sum(s["tokens"] for s in timed)
     positions = sum(s["positions"] for s in timed)

@@ -14,7 +14,7 @@ from medvl.data.conversations import Collator, ConversationDataset
 from medvl.data.packing import PackedCollator, balanced_bins, pack_rows, plan_micro_batches
 from medvl.model.build import build_preset, load
 from medvl.model.tokenizer import train_tokenizer
-from medvl.train.loop import GlobalBatchSampler, model_inputs, weighted_loss_sum
+from medvl.train.loop import GlobalBatchSampler, loss_sum, model_inputs
 
 LINES = [
     f"The {m} shows a {f} in the {r} region."
@@ -61,12 +61,33 @@ def scale_tiny_model(tmp_path_factory):
 
 def _loss_and_grads(model, batch):
     model.zero_grad()
-    loss = (
-        weighted_loss_sum(model(**model_inputs(batch)).logits, batch["labels"], batch["loss_weights"])
-        / batch["loss_units"]
-    )
+    loss = loss_sum(model, batch)[0] / batch["loss_units"]
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_head_only_at_labelled_positions_changes_nothing(scale_tiny_model):
+    """`loss_sum` runs the LM head only where the next token is labelled; the loss and gradients are
+    those of the plain way (logits everywhere, shifted cross-entropy)."""
+    vlm = load(scale_tiny_model / "model")
+    model = vlm.model
+    data = ConversationDataset(vlm, [(scale_tiny_model / "data.json", None)], 512)
+    batch = Collator(vlm)([data[i] for i in range(6)])
+    loss, grads = _loss_and_grads(model, batch)
+    n_logits = loss_sum(model, batch)[1]
+    assert 0 < n_logits < batch["input_ids"].numel() / 2  # most positions skip the head
+
+    model.zero_grad()
+    logits = model(**model_inputs(batch)).logits
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), reduction="none"
+    )
+    plain = (ce * batch["loss_weights"][:, 1:].reshape(-1)).sum() / batch["loss_units"]
+    plain.backward()
+    torch.testing.assert_close(loss, plain.detach())
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
 
 
 @pytest.mark.parametrize(("norm", "attn"), [("token", "sdpa"), ("sample", "sdpa"), ("token", "varlen")])

@@ -195,23 +195,28 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024
     return best
 
 
-def flops_per_step(model, n_text_tokens: int, n_images: int, image_size: int | None = None) -> float:
+def flops_per_step(
+    model, n_text_tokens: int, n_images: int, image_size: int | None = None, n_logits: int | None = None
+) -> float:
     """Matmul FLOPs of one forward + backward: 2 per parameter per token forward, 2 more for the
     activation gradients where a gradient flows through, 2 more for weight gradients where the weights
-    train (frozen parts skip them). The LM (embedding lookups excluded) runs over every token, the
-    vision tower over its patches of every image."""
+    train (frozen parts skip them). The LM (embedding lookups excluded) runs over every token and its
+    head over `n_logits` positions (default: every token), the vision tower over its patches of every
+    image."""
     vt = model.model.vision_tower
     llm = model.model.language_model
     n_vision = sum(p.numel() for p in vt.parameters())
     n_llm = sum(p.numel() for p in llm.parameters()) - llm.get_input_embeddings().weight.numel()
-    n_llm += model.lm_head.weight.numel()
+    n_head = model.lm_head.weight.numel()
+    n_logits = n_text_tokens if n_logits is None else n_logits
     # weight gradients of LoRA's frozen base weights are not computed
     vision_trains = any(p.requires_grad for n, p in vt.named_parameters() if "lora_" not in n)
     llm_trains = model.lm_head.weight.requires_grad
     llm_factor = 2 + 2 + 2 * llm_trains  # something upstream of the LM always trains
     vision_factor = 2 + 4 * vision_trains
     patches = ((image_size or vt.config.image_size) // vt.config.patch_size) ** 2 + 1
-    return n_llm * n_text_tokens * llm_factor + n_vision * patches * n_images * vision_factor
+    lm = (n_llm * n_text_tokens + n_head * n_logits) * llm_factor
+    return lm + n_vision * patches * n_images * vision_factor
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
@@ -231,12 +236,21 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     return inputs
 
 
-def weighted_loss_sum(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy at labelled positions, each weighted (see `Collator`), summed."""
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    shift_labels = labels[:, 1:].reshape(-1)
-    ce = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE, reduction="none")
-    return (ce * weights[:, 1:].reshape(-1)).sum()
+def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Next-token cross-entropy at labelled positions, each weighted (see `Collator`), summed; and the
+    number of positions the LM head ran at. Logits are computed only where the next token is labelled
+    (`logits_to_keep`): image tokens, prompts and padding never go through the LM head, whose
+    [positions x vocabulary] logits are the largest activation of a VLM step (151k-word vocabularies)."""
+    labels, weights = batch["labels"], batch["loss_weights"]
+    keep = torch.nonzero((labels[:, 1:] != IGNORE).any(0)).reshape(-1)
+    logits = model(**model_inputs(batch), logits_to_keep=keep).logits  # [rows, len(keep), vocab]
+    ce = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        labels[:, keep + 1].reshape(-1),
+        ignore_index=IGNORE,
+        reduction="none",
+    )
+    return (ce * weights[:, keep + 1].reshape(-1)).sum(), logits.shape[0] * logits.shape[1]
 
 
 def attn_implementation(cfg: StageConfig) -> str:
@@ -488,36 +502,35 @@ def train_stage(cfg: StageConfig, resume: bool = False, stop_after: int | None =
         n_units = torch.tensor(sum(int(b["loss_units"]) for b in micro), device=accelerator.device)
         n_units = accelerator.reduce(n_units, "sum").clamp(min=1)
         step_loss = torch.zeros((), device=accelerator.device)
-        # non-padding tokens, all positions (padding included) and images of this rank
-        shape = torch.zeros(3, dtype=torch.long, device=accelerator.device)
+        # non-padding tokens, all positions (padding included), images and LM-head positions of this rank
+        shape = torch.zeros(4, dtype=torch.long, device=accelerator.device)
         size = cfg.image_size_at(step)
         for b in micro:
             b = {k: v.to(accelerator.device) for k, v in b.items()}
             with accelerator.accumulate(model):
-                logits = model(**model_inputs(b)).logits
-                loss_sum = weighted_loss_sum(logits, b["labels"], b["loss_weights"])
-                if not loss_sum.requires_grad:
+                loss, n_logits = loss_sum(model, b)
+                if not loss.requires_grad:
                     # e.g. only the projector trains and this micro-batch has no image: a zero
                     # gradient still has to flow, so that every rank takes part in the reduction
-                    loss_sum = loss_sum + sum(p.sum() for p in params) * 0
+                    loss = loss + sum(p.sum() for p in params) * 0
                 # accelerate divides by `accum` and DDP averages over ranks: undo both, so the
                 # gradient is that of (weighted sum over the global batch) / (its units).
-                accelerator.backward(loss_sum * accelerator.num_processes * accum / n_units)
+                accelerator.backward(loss * accelerator.num_processes * accum / n_units)
                 if accelerator.sync_gradients and cfg.grad_clip and not deepspeed_engine:
                     accelerator.clip_grad_norm_(params, cfg.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            step_loss += loss_sum.detach()
+            step_loss += loss.detach()
             window["tokens"] += int(b["num_tokens"])
             n_img = 0 if "pixel_values" not in b else b["pixel_values"].shape[0]
-            window["flops"] += flops_per_step(base, int(b["num_tokens"]), n_img, size)
+            window["flops"] += flops_per_step(base, int(b["num_tokens"]), n_img, size, n_logits)
             shape += torch.tensor(
-                [int(b["num_tokens"]), b["input_ids"].numel(), n_img], device=accelerator.device
+                [int(b["num_tokens"]), b["input_ids"].numel(), n_img, n_logits], device=accelerator.device
             )
         scheduler.step()
         loss = (accelerator.reduce(step_loss, "sum") / n_units).item()
         lr = scheduler.get_last_lr()[0]
-        tokens, positions, images = accelerator.reduce(shape, "sum").tolist()
+        tokens, positions, images, logit_positions = accelerator.reduce(shape, "sum").tolist()
         history.append(
             {
                 "step": step + 1,
@@ -526,6 +539,7 @@ def train_stage(cfg: StageConfig, resume: bool = False, stop_after: int | None =
                 "tokens": tokens,
                 "positions": positions,
                 "images": images,
+                "logit_positions": logit_positions,
                 "seconds": time.perf_counter() - t_step,
             }
         )
