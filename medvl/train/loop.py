@@ -402,7 +402,7 @@ def train_stage(cfg: StageConfig, resume: bool = False, stop_after: int | None =
         vlm = load(cfg.model)
     accelerator = Accelerator(
         cpu=cpu and not use_deepspeed,
-        # LLaVA reads the vision tower's hidden states, so its final norm / pooler get no gradient.
+        # a micro-batch without images leaves the vision tower and projector without gradient
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         gradient_accumulation_steps=accum,
         mixed_precision="bf16" if use_bf16 else "no",
