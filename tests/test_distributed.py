@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_packing import make_scale_root
+from test_packing import make_scale_root, stage_keys
 
 from medvl.train.config import load_config
 from medvl.train.loop import train_stage
@@ -38,20 +38,7 @@ def single(setup):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = make_scale_root(tmp_path_factory)
-    cfg = {
-        "stage": "dist",
-        "model": str(root / "model"),
-        "data": [{"path": str(root / "data.json")}],
-        "freeze": {"llm": False, "projector": False, "vision": False},
-        "lr": 1e-3,
-        "warmup_ratio": 0.0,
-        "global_batch_size": 4,
-        "micro_batch_size": 2,
-        "max_length": 512,
-        "max_steps": 2,
-        "packing": "soft",
-        "log_every": 1,
-    }
+    cfg = stage_keys(root, stage="dist", warmup_ratio=0.0)
     return root, cfg
 
 

@@ -54,6 +54,23 @@ def make_scale_root(tmp_path_factory):
     return root
 
 
+def stage_keys(root, **keys) -> dict:
+    """A short packed stage on `make_scale_root`'s model and corpus, every part training."""
+    return {
+        "stage": "t",
+        "model": str(root / "model"),
+        "data": [{"path": str(root / "data.json")}],
+        "freeze": {"llm": False, "projector": False, "vision": False},
+        "lr": 1e-3,
+        "global_batch_size": 4,
+        "micro_batch_size": 2,
+        "max_length": 512,
+        "max_steps": 2,
+        "packing": "soft",
+        "log_every": 1,
+    } | keys
+
+
 @pytest.fixture(scope="session")
 def scale_tiny_model(tmp_path_factory):
     return make_scale_root(tmp_path_factory)

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import yaml
-from test_packing import make_scale_root
+from test_packing import make_scale_root, stage_keys
 from transformers import LlavaForConditionalGeneration
 
 from medvl.data.conversations import ConversationDataset
@@ -23,20 +23,7 @@ def scale_tiny_model(tmp_path_factory):
 
 
 def stage(root, out, **keys):
-    cfg = {
-        "stage": "t",
-        "model": str(root / "model"),
-        "output_dir": str(out),
-        "data": [{"path": str(root / "data.json")}],
-        "freeze": {"llm": False, "projector": False, "vision": False},
-        "lr": 1e-3,
-        "global_batch_size": 4,
-        "micro_batch_size": 2,
-        "max_length": 512,
-        "max_steps": 2,
-        "packing": "soft",
-        "log_every": 1,
-    } | keys
+    cfg = stage_keys(root, output_dir=str(out), **keys)
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return load_config(path)

@@ -93,7 +93,7 @@ class PackedCollator(Collator):
     def __call__(self, batch: list[tuple[Sample, list[Image.Image]]]) -> dict[str, torch.Tensor]:
         lengths = [len(s.input_ids) for s, _ in batch]
         rows = [list(range(len(batch)))] if self.row_length is None else pack_rows(lengths, self.row_length)
-        width = max(sum(len(batch[i][0].input_ids) for i in r) for r in rows)
+        width = max(sum(lengths[i] for i in r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
         positions = torch.zeros((len(rows), width), dtype=torch.long)
