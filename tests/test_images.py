@@ -119,3 +119,45 @@ def test_bad_input_names_the_source(tmp_path):
     no_pixels.save_as(buf)
     with pytest.raises(ValueError, match="has no image"):
         load_image(buf.getvalue())
+
+
+def _processed(images, size: int) -> np.ndarray:
+    from medvl.model.build import _square_image_processor
+
+    return _square_image_processor(size)(images, return_tensors="np")["pixel_values"]
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_reading_at_the_model_size_gives_the_pixels_of_a_full_read(tmp_path, fmt):
+    """A 1024 px scan read for a 64 px or 336 px model is reduced while read (JPEG at a smaller DCT
+    scale, any format box-averaged), never below the model's size; what the image processor makes of
+    it matches what it makes of the full-resolution image to within resampling differences."""
+    yy, xx = np.mgrid[0:1024, 0:1024]
+    # a smooth phantom with structure at several scales (a uniform image would hide differences)
+    arr = 128 + 60 * np.sin(xx / 37.0) * np.cos(yy / 23.0) + 40 * ((xx - 500) ** 2 + (yy - 400) ** 2 < 150**2)
+    path = tmp_path / f"scan.{fmt.lower()}"
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).convert("RGB").save(path, format=fmt, quality=95)
+    full = load_image(path)
+    assert full.size == (1024, 1024)
+    # JPEG: DCT scale 1/8 for 64 px, 1/2 for 336 px; PNG: box-averaged 8x, or left alone when
+    # halving would already go below 2 x 336
+    expected = {"JPEG": {64: 128, 336: 512}, "PNG": {64: 128, 336: 1024}}[fmt]
+    for size in (64, 336):
+        small = load_image(path, size=size)
+        assert small.size == (expected[size], expected[size])
+        ours, reference = _processed([small], size), _processed([full], size)
+        assert ours.shape == reference.shape
+        # normalised pixel values span about 4 units; resampling differs by a small fraction of that
+        assert np.abs(ours - reference).mean() < 0.005, np.abs(ours - reference).mean()
+        assert np.abs(ours - reference).max() < 0.1
+
+
+def test_reading_at_the_model_size_leaves_small_images_and_reduces_dicom():
+    ct = get_testdata_file("CT_small.dcm")  # 128 x 128
+    full = np.asarray(load_image(ct))
+    assert np.array_equal(np.asarray(load_image(ct, size=40)), full)  # under 4x the size: untouched
+    quarter = np.asarray(load_image(ct, size=16))  # kept at >= 2 x 16
+    assert quarter.shape == (32, 32, 3)
+    # a 4x4 box average of the windowed image (PIL rounds; allow one grey level)
+    want = full.astype(np.float64).reshape(32, 4, 32, 4, 3).mean(axis=(1, 3))
+    assert np.abs(quarter - want).max() <= 1

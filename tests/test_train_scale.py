@@ -89,6 +89,22 @@ def test_progressive_resolution(scale_tiny_model, tmp_path):
         )
 
 
+def test_loader_processes_build_the_same_batches(scale_tiny_model, tmp_path):
+    """Batches built in DataLoader worker processes (as on a GPU machine) are the batches the loop
+    builds itself: same losses and token counts, with the image size changing mid-stage."""
+    size = load(scale_tiny_model / "model").model.config.vision_config.image_size
+    schedule = [{"until_step": 1, "size": size // 2}, {"size": size}]
+    runs = {
+        n: stage(scale_tiny_model, tmp_path / f"w{n}", num_workers=n, resolution_schedule=schedule)
+        for n in (0, 2)
+    }
+    for cfg in runs.values():
+        train_stage(cfg)
+    a, b = history(runs[0]), history(runs[2])
+    assert [h["tokens"] for h in b] == [h["tokens"] for h in a]
+    assert [h["loss"] for h in b] == pytest.approx([h["loss"] for h in a], rel=1e-6)
+
+
 def test_lora_merges_into_plain_checkpoint(scale_tiny_model, tmp_path):
     cfg = stage(
         scale_tiny_model,

@@ -70,12 +70,13 @@ def test_upload_ask_and_see_the_answer(tmp_path):
     vlm = load(build_tiny_model(tmp_path / "m"))
     # The expected answers, computed before the demo starts: the test must not run the model while
     # the demo's worker does.
+    size = vlm.model.config.vision_config.image_size  # the demo reads images at the model's size
     ct, us = get_testdata_file("CT_small.dcm"), get_testdata_file("US1_UNCR.dcm")
     turns: list[tuple[str, str]] = []
     for q in ("What does the CT show?", "Is there a mass?"):
-        turns.append((q, expected(vlm, turns, q, load_image(ct))))
+        turns.append((q, expected(vlm, turns, q, load_image(ct, size=size))))
     us_question = "Describe the ultrasound."
-    us_answer = expected(vlm, [], us_question, load_image(us))
+    us_answer = expected(vlm, [], us_question, load_image(us, size=size))
     port = free_port()
     demo = launch(vlm, port=port, max_new_tokens=MAX_NEW_TOKENS)
     external: list[str] = []

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from medvl.data.images import load_image
 from medvl.model.build import VLM
 from medvl.model.tokenizer import IMAGE_TOKEN
 
@@ -174,8 +175,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         images = []
         for p in s.images:
             try:
-                with Image.open(p) as im:
-                    images.append(im.convert("RGB"))
+                images.append(load_image(p, size=size or cfg.vision_config.image_size))
             except (OSError, ValueError) as e:
                 raise ValueError(f"sample id {s.id}: image {p} is unreadable ({e})") from e
         return s, images

@@ -56,8 +56,8 @@ class Item:
     def prompt(self) -> str:
         return build_prompt(self.question, self.options)
 
-    def load_images(self) -> list[Image.Image]:
-        return [load_image(s if isinstance(s, Path) else base64.b64decode(s)) for s in self.images]
+    def load_images(self, size: int | None = None) -> list[Image.Image]:
+        return [load_image(s if isinstance(s, Path) else base64.b64decode(s), size=size) for s in self.images]
 
 
 def build_prompt(question: str, options: dict[str, str]) -> str:

@@ -32,6 +32,7 @@ DEFAULT_MAX_NEW_TOKENS = 32  # answers are a letter, a word or a phrase
 
 class Answerer(Protocol):
     name: str
+    image_size: int | None  # images are read at this size (load_image), None: as they are
 
     def answer(self, prompts: list[tuple[str, list[Image.Image]]], max_new_tokens: int) -> list[str]: ...
 
@@ -41,6 +42,7 @@ class LocalModel:
 
     def __init__(self, vlm, name: str) -> None:
         self.vlm, self.name = vlm, name
+        self.image_size = vlm.model.config.vision_config.image_size  # as in training
 
     def answer(self, prompts: list[tuple[str, list[Image.Image]]], max_new_tokens: int) -> list[str]:
         from medvl.model.generate import Conversation, generate
@@ -80,6 +82,7 @@ class APIModel:
             model,
             f"{model} @ {base_url}",
         )
+        self.image_size = None  # the server reads the images it is sent at its model's size
 
     def _one(self, prompt: tuple[str, list[Image.Image]], max_new_tokens: int) -> str:
         text, images = prompt
@@ -122,8 +125,8 @@ def _image_source(items: list[Item], variant: str) -> list[int]:
     return [source[i] for i in range(len(items))]
 
 
-def _images(item: Item, variant: str) -> list[Image.Image]:
-    images = item.load_images()
+def _images(item: Item, variant: str, size: int | None) -> list[Image.Image]:
+    images = item.load_images(size)
     return [Image.new("RGB", im.size) for im in images] if variant == "blank" else images
 
 
@@ -160,7 +163,9 @@ def predict(
         task = bar.add_task("", total=len(items), completed=len(items) - len(todo))
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            prompts = [(items[i].prompt(), _images(items[source[i]], variant)) for i in batch]
+            prompts = [
+                (items[i].prompt(), _images(items[source[i]], variant, answerer.image_size)) for i in batch
+            ]
             texts = answerer.answer(prompts, max_new_tokens)
             for item, text in zip([items[i] for i in batch], texts, strict=True):
                 row = {

@@ -67,7 +67,7 @@ def chat(
 
     console = Console()
     vlm = load(model)
-    img = load_image(image) if image else None
+    img = load_image(image, size=vlm.model.config.vision_config.image_size) if image else None
     console.print(f"[dim]{RESEARCH_ONLY}[/dim]")
     conv = Conversation([], [img] if img else [])
     first = True

@@ -132,6 +132,7 @@ class ChatRequest(_Strict):
 def create_app(vlm: VLM, settings: ServeSettings) -> FastAPI:
     batcher = Batcher(vlm, settings.max_batch_size, settings.max_queue)
     counter = PromptCounter(vlm)
+    image_size = vlm.model.config.vision_config.image_size  # images are read as in training
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -178,7 +179,7 @@ def create_app(vlm: VLM, settings: ServeSettings) -> FastAPI:
                 "model",
                 "model_not_found",
             )
-        conversation = await _conversation(req, settings)
+        conversation = await _conversation(req, settings, image_size)
         prompt_tokens = await run_in_threadpool(counter.count, conversation)
         sampling = _sampling(req, prompt_tokens, counter.context, settings)
         try:
@@ -248,7 +249,7 @@ def _parse(body: bytes) -> ChatRequest:
         raise APIError(400, f"{param}: {err['msg']}", param, "invalid_value") from None
 
 
-async def _conversation(req: ChatRequest, settings: ServeSettings) -> Conversation:
+async def _conversation(req: ChatRequest, settings: ServeSettings, image_size: int) -> Conversation:
     """The request's messages in the transformers shape, with its images decoded (off the event loop)."""
     if req.messages[-1].role != "user":
         raise APIError(
@@ -277,11 +278,11 @@ async def _conversation(req: ChatRequest, settings: ServeSettings) -> Conversati
         raise APIError(
             400, f"{len(urls)} images, above the limit of {settings.max_images} per request", "messages"
         )
-    images = [await _image(url, param, settings) for param, url in urls]
+    images = [await _image(url, param, settings, image_size) for param, url in urls]
     return Conversation(messages, images)
 
 
-async def _image(url: str, param: str, settings: ServeSettings) -> Image.Image:
+async def _image(url: str, param: str, settings: ServeSettings, size: int) -> Image.Image:
     if url.startswith("data:"):
         data = _data_url_bytes(url, param, settings.max_image_bytes)
     elif url.startswith(("http://", "https://")):
@@ -294,7 +295,7 @@ async def _image(url: str, param: str, settings: ServeSettings) -> Image.Image:
         )
     try:
         return await run_in_threadpool(
-            load_image, data, settings.max_image_pixels, settings.max_image_bytes, ("PNG", "JPEG")
+            load_image, data, settings.max_image_pixels, settings.max_image_bytes, ("PNG", "JPEG"), size
         )
     except ValueError as e:
         raise APIError(400, f"{param}: {e}", param, "invalid_image") from None

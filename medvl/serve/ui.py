@@ -34,7 +34,7 @@ def build(vlm: VLM, batcher: Batcher, max_new_tokens: int = 256) -> gr.Blocks:
         if path is None:
             return None, None, []
         try:
-            image = load_image(path)
+            image = load_image(path, size=vlm.model.config.vision_config.image_size)
         except ValueError as e:
             raise gr.Error(str(e)) from None
         return image, image, []

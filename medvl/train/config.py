@@ -90,7 +90,9 @@ class StageConfig(Strict):
     max_steps: int | None = Field(None, gt=0)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     seed: int = 0
-    num_workers: int = Field(0, ge=0)
+    # DataLoader processes that read images and build batches while the model trains.
+    # auto: none without a GPU (they would take cores from the compute), else up to 4 per GPU.
+    num_workers: int | Literal["auto"] = "auto"
 
     log_every: int = Field(10, gt=0)
     save_every: int | None = Field(None, gt=0)

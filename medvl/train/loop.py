@@ -300,6 +300,17 @@ def prepare_model(vlm: VLM, cfg: StageConfig):
     return trained, apply_freeze(model, cfg)
 
 
+def data_workers(cfg: StageConfig, accelerator: Accelerator) -> int:
+    """`num_workers`, with auto resolved: on a GPU, up to 4 loader processes per training process
+    from the node's cores, leaving one core per process for the training loop itself."""
+    if cfg.num_workers != "auto":
+        return cfg.num_workers
+    if accelerator.device.type != "cuda":
+        return 0
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # set by torchrun and accelerate launch
+    return max(0, min(4, (os.cpu_count() or 1) // local - 1))
+
+
 def enable_fsdp_on_cpu(accelerator: Accelerator) -> None:
     """FSDP2 for processes without a GPU (a gloo group), as `accelerate launch` with an FSDP config
     asked. accelerate 1.15 applies FSDP only to GPU-class process groups and would silently run
@@ -482,7 +493,14 @@ def train_stage(cfg: StageConfig, resume: bool = False, stop_after: int | None =
         if cfg.packing == "soft"
         else Collator(vlm, cfg.loss_normalization)
     )
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers)
+    cuda = accelerator.device.type == "cuda"
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=data_workers(cfg, accelerator),
+        pin_memory=cuda,  # page-locked batches: the copy to the GPU overlaps the compute
+    )
 
     accelerator.init_trackers(cfg.stage.split(":")[0].strip().replace(" ", "_") or "stage")
     peak = cfg.peak_flops or peak_flops(accelerator.device, torch.bfloat16 if use_bf16 else torch.float32)
@@ -506,7 +524,7 @@ def train_stage(cfg: StageConfig, resume: bool = False, stop_after: int | None =
         shape = torch.zeros(4, dtype=torch.long, device=accelerator.device)
         size = cfg.image_size_at(step)
         for b in micro:
-            b = {k: v.to(accelerator.device) for k, v in b.items()}
+            b = {k: v.to(accelerator.device, non_blocking=cuda) for k, v in b.items()}
             with accelerator.accumulate(model):
                 loss, n_logits = loss_sum(model, b)
                 if not loss.requires_grad:

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel
 
+from medvl.data.images import load_image
 from medvl.model.build import PresetSpec, _square_image_processor
 
 
@@ -114,10 +114,7 @@ def pretrain_vision(
     classes = {f: sorted({str(r.get(f)) for r in records}) for f in fields}
     heads = torch.nn.ModuleDict({f: torch.nn.Linear(cfg.hidden_size, len(c)) for f, c in classes.items()})
     targets = {f: torch.tensor([classes[f].index(str(r.get(f))) for r in records]) for f in fields}
-    images = []
-    for r in records:
-        with Image.open(image_root / r["image"]) as im:
-            images.append(im.convert("RGB"))
+    images = [load_image(image_root / r["image"], size=cfg.image_size) for r in records]
     pixels = processor(images, return_tensors="pt")["pixel_values"]
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
