@@ -19,6 +19,8 @@ import gc
 import json
 import os
 import random
+import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -269,6 +271,13 @@ def main() -> None:
         "baseline's sdpa; any other value is used by both runs",
     )
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run the pair (medvl, then the baseline) this many times; the speedup reported is the "
+        "median of the pairs' ratios (a shared machine's speed drifts between runs)",
+    )
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -291,28 +300,36 @@ def main() -> None:
         data = work / "corpus.json"
         data.write_text(json.dumps(corpus))
         build_model(args.size, corpus, work / "model", args.vocab)
-        runs = {}
-        for name, run in (
-            ("medvl (soft packing)", run_medvl),
-            ("transformers Trainer (padded)", run_baseline),
-        ):
-            gc.collect()  # the previous run's model and optimizer
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            steps = run(args, work / "model", data, args.slake, work)
-            runs[name] = (steps, torch.cuda.max_memory_allocated() if args.device == "cuda" else 0)
+        pairs = []  # one (medvl, baseline) pair per repeat, run back to back
+        for _ in range(args.repeats):
+            runs = {}
+            for name, run in (
+                ("medvl (soft packing)", run_medvl),
+                ("transformers Trainer (padded)", run_baseline),
+            ):
+                gc.collect()  # the previous run's model and optimizer
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                shutil.rmtree(work / "medvl", ignore_errors=True)
+                steps = run(args, work / "model", data, args.slake, work)
+                runs[name] = (steps, torch.cuda.max_memory_allocated() if args.device == "cuda" else 0)
+            pairs.append(runs)
         from medvl.model.build import load
 
         model = load(work / "model").model  # for its parameter counts (every part trains in both runs)
-    rows = [summarise(name, steps, model, peak, datasheet, mem) for name, (steps, mem) in runs.items()]
+    repeats = [
+        [summarise(name, steps, model, peak, datasheet, mem) for name, (steps, mem) in runs.items()]
+        for runs in pairs
+    ]
+    ratios = [rows[0]["useful_tokens_per_s"] / rows[1]["useful_tokens_per_s"] for rows in repeats]
     result = {
         "device": device_name,
         "size": args.size,
         "matmul_peak_measured_tflops": peak / 1e12,
         "args": vars(args) | {"slake": str(args.slake), "out": str(args.out)},
-        "runs": rows,
-        "speedup_useful_tokens_per_s": rows[0]["useful_tokens_per_s"] / rows[1]["useful_tokens_per_s"],
+        "repeats": [{"runs": rows, "speedup_useful_tokens_per_s": r} for rows, r in zip(repeats, ratios)],
+        "speedup_useful_tokens_per_s": statistics.median(ratios),  # median over the repeats
     }
     print(json.dumps(result, indent=2))
     if args.out:

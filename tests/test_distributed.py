@@ -1,6 +1,7 @@
 """Two CPU processes (gloo) reach the losses of one process with the same global batch (packed,
-length-grouped batches): DDP under `torchrun`, FSDP2 under `accelerate launch` with the shipped
-configs/accelerate/fsdp.yaml.
+length-grouped batches): DDP under `torchrun`; FSDP2 and DeepSpeed ZeRO-2/3 under `accelerate launch`
+with the shipped configs/accelerate/*.yaml; and the multi-node config on two launchers that play two
+machines (four processes, hybrid sharding).
 
 The tests check that the two processes really formed one group: without `cpu=True` accelerate runs
 torchrun's processes as unrelated single processes, whose losses would match trivially; and that
@@ -125,6 +126,64 @@ def test_sharded_matches_one_process(setup, single, config, wrapped):
     assert "resumed from" in log and "step-00000001" in log
     assert losses(root, name) == pytest.approx(single, rel=1e-4)
     assert_same_weights(root / "single" / "final", root / name / "final")
+
+
+def test_two_machines_match_one_process(setup, single):
+    """configs/accelerate/multi-node.yaml launched the way slurm.sh launches it, on two "machines"
+    that are two launchers on this host (machine ranks 0 and 1, rendezvous over loopback), two
+    processes each: hybrid sharding (FSDP2 within a machine, replicas across machines) reaches the
+    1-process losses and weights."""
+    root, cfg = setup
+    path = write(root, cfg | {"micro_batch_size": 1}, "nodes")  # the same global batch of 4 over 4
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    launchers = [
+        subprocess.Popen(
+            [
+                str(BIN / "accelerate"),
+                "launch",
+                "--config_file",
+                str(CONFIGS / "multi-node.yaml"),
+                "--num_machines",
+                "2",
+                "--num_processes",
+                "4",
+                "--machine_rank",
+                str(rank),
+                "--main_process_ip",
+                "127.0.0.1",
+                "--main_process_port",
+                "29535",
+                "--parallelism_config_dp_replicate_size",
+                "2",
+                "--parallelism_config_dp_shard_size",
+                "2",
+                "--mixed_precision",
+                "no",
+                "--module",
+                "medvl.cli",
+                "train",
+                "-c",
+                str(path),
+            ],
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        outputs = [p.communicate(timeout=600) for p in launchers]
+    finally:
+        for p in launchers:
+            p.kill()
+    for p, (_, err) in zip(launchers, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    log = "".join(out + err for out, err in outputs)
+    assert "x 4 processes" in log and "FSDP: FSDPLlavaForConditionalGeneration" in log
+    assert losses(root, "nodes") == pytest.approx(single, rel=1e-4)
+    assert_same_weights(root / "single" / "final", root / "nodes" / "final")
 
 
 def assert_same_weights(a: Path, b: Path) -> None:

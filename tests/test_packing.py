@@ -141,6 +141,44 @@ def test_packed_batch_equals_unpacked(scale_tiny_model, norm, attn):
     assert abs(leaky_loss - loss_u) > 1e-3
 
 
+@pytest.mark.parametrize("kind", ["padded", "sdpa", "varlen"])
+def test_vision_filler_changes_no_loss_or_gradient(scale_tiny_model, kind):
+    """A micro-batch of text-only samples gets the collator's vision filler (one black image, one label
+    of weight 0), so that the vision tower and projector run in every micro-batch: sharded training
+    needs it (tests/test_distributed.py::test_two_machines_match_one_process failed without it). The
+    loss and the language model's gradients are those without it, the vision tower's and projector's
+    gradients exist and are exactly zero, and the counts leave it out."""
+    vlm = load(scale_tiny_model / "model")
+    model = vlm.model
+    model.config.text_config.use_cache = False
+    data = ConversationDataset(vlm, [(scale_tiny_model / "data.json", None)], 512)
+    items = [data[i] for i in (0, 5, 10)]  # make_corpus: every fifth sample is text-only
+    assert not any(images for _, images in items)
+    make = {
+        "padded": lambda filler: Collator(vlm, "token", filler),
+        "sdpa": lambda filler: PackedCollator(vlm, 256, "token", filler),
+        "varlen": lambda filler: PackedCollator(vlm, None, "token", filler),
+    }[kind]
+    plain, filled = make(False)(items), make(True)(items)
+    assert "pixel_values" not in plain and filled["pixel_values"].shape[0] == 1
+    assert int(filled["num_tokens"]) == int(plain["num_tokens"])
+    assert int(filled["loss_units"]) == int(plain["loss_units"])
+    image_id = model.config.image_token_id
+    assert int((plain["input_ids"] == image_id).sum()) == 0
+    assert int((filled["input_ids"] == image_id).sum()) == model.config.image_seq_length
+    if kind != "padded":
+        model.set_attn_implementation({"text_config": kind, "vision_config": "sdpa"})
+    loss_p, grads_p = _loss_and_grads(model, plain)
+    loss_f, grads_f = _loss_and_grads(model, filled)
+    torch.testing.assert_close(loss_f, loss_p, rtol=1e-6, atol=0)
+    vision = {n for n in grads_f if ".vision_tower." in n or ".multi_modal_projector." in n}
+    assert vision and not vision & grads_p.keys()  # without the filler these parts get no gradient
+    assert all(torch.count_nonzero(grads_f[n]) == 0 for n in vision)
+    assert grads_f.keys() - vision == grads_p.keys()
+    for name in grads_p:
+        torch.testing.assert_close(grads_f[name], grads_p[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_sample_normalisation_weighs_samples_equally(scale_tiny_model):
     vlm = load(scale_tiny_model / "model")
     data = ConversationDataset(vlm, [(scale_tiny_model / "data.json", None)], 512)

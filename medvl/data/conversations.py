@@ -20,6 +20,8 @@ from medvl.data.images import load_image
 from medvl.model.build import VLM
 from medvl.model.tokenizer import IMAGE_TOKEN
 
+# a micro-batch without images gets this sample (see `Collator.filler`)
+FILLER_ID = "<vision filler>"
 IGNORE = -100
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -188,13 +190,34 @@ class Collator:
     1 / (the sample's assistant tokens) ("sample"); `loss_units` counts what the loss is divided by
     (tokens or samples), `num_tokens` the non-padding tokens."""
 
-    def __init__(self, vlm: VLM, loss_normalization: str = "token") -> None:
+    def __init__(self, vlm: VLM, loss_normalization: str = "token", vision_filler: bool = False) -> None:
         self.image_processor = vlm.processor.image_processor
         self.pad_id = vlm.tokenizer.pad_token_id
         self.per_sample = loss_normalization == "sample"
+        self.config = vlm.model.config
+        self.vision_filler = vision_filler
 
-    def weights(self, labels: torch.Tensor) -> torch.Tensor:
+    def filler(self, batch: list[tuple[Sample, list[Image.Image]]]) -> list[tuple[Sample, list[Image.Image]]]:
+        """For a batch without images (`vision_filler` on): one black image, its image tokens and one
+        label of weight 0, so that the vision tower and projector take part in every micro-batch's
+        forward and backward. Sharded training needs that: FSDP and ZeRO-3 gather a module's
+        parameters when it runs and reduce its gradients when its backward runs, and a rank without
+        images would skip those collectives while the others wait in them. The loss and every
+        gradient are unchanged (the label weighs 0; its own packed sample or row, so no other token
+        sees it); its tokens count as padding, not as useful tokens."""
+        if not self.vision_filler or any(images for _, images in batch):
+            return []
+        size = batch[0][0].image_size
+        n = image_tokens_at(self.config, size)
+        side = size or self.config.vision_config.image_size
+        ids = [self.config.image_token_id] * n + [self.pad_id]
+        sample = Sample(FILLER_ID, ids, [IGNORE] * n + [self.pad_id], [], size)
+        return [(sample, [Image.new("RGB", (side, side))])]
+
+    def weights(self, sample: Sample, labels: torch.Tensor) -> torch.Tensor:
         """One sample's label weights; its first position never has a prediction behind it."""
+        if sample.id == FILLER_ID:
+            return torch.zeros(len(labels))
         w = (labels != IGNORE).float()
         w[0] = 0
         return w / w.sum().clamp(min=1) if self.per_sample else w
@@ -220,16 +243,17 @@ class Collator:
         return {"pixel_values": self.image_processor(images, return_tensors="pt", **kwargs)["pixel_values"]}
 
     def __call__(self, batch: list[tuple[Sample, list[Image.Image]]]) -> dict[str, torch.Tensor]:
-        width = max(len(s.input_ids) for s, _ in batch)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        weights = torch.zeros((len(batch), width))
-        for i, (s, _) in enumerate(batch):
+        rows = batch + self.filler(batch)
+        width = max(len(s.input_ids) for s, _ in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        weights = torch.zeros((len(rows), width))
+        for i, (s, _) in enumerate(rows):
             n = len(s.input_ids)
             ids[i, :n] = torch.tensor(s.input_ids)
             labels[i, :n] = torch.tensor(s.labels)
             mask[i, :n] = 1
-            weights[i, :n] = self.weights(labels[i, :n])
+            weights[i, :n] = self.weights(s, labels[i, :n])
         out = {"input_ids": ids, "labels": labels, "attention_mask": mask, "loss_weights": weights}
-        return out | self.counts(batch, weights) | self.pixels(batch)
+        return out | self.counts(batch, weights) | self.pixels(rows)

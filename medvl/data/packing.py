@@ -86,11 +86,14 @@ class PackedCollator(Collator):
     computes every row in full, so rows are kept short). None: the whole micro-batch in one row, no
     padding at all, for varlen attention, whose cost does not depend on the row."""
 
-    def __init__(self, vlm, row_length: int | None, loss_normalization: str = "token") -> None:
-        super().__init__(vlm, loss_normalization)
+    def __init__(
+        self, vlm, row_length: int | None, loss_normalization: str = "token", vision_filler: bool = False
+    ) -> None:
+        super().__init__(vlm, loss_normalization, vision_filler)
         self.row_length = row_length
 
-    def __call__(self, batch: list[tuple[Sample, list[Image.Image]]]) -> dict[str, torch.Tensor]:
+    def __call__(self, samples: list[tuple[Sample, list[Image.Image]]]) -> dict[str, torch.Tensor]:
+        batch = samples + self.filler(samples)
         lengths = [len(s.input_ids) for s, _ in batch]
         rows = [list(range(len(batch)))] if self.row_length is None else pack_rows(lengths, self.row_length)
         width = max(sum(lengths[i] for i in r) for r in rows)
@@ -108,7 +111,7 @@ class PackedCollator(Collator):
                 labels[r, at : at + n] = torch.tensor(s.labels)
                 labels[r, at] = IGNORE
                 positions[r, at : at + n] = torch.arange(n)
-                weights[r, at : at + n] = self.weights(labels[r, at : at + n])
+                weights[r, at : at + n] = self.weights(s, labels[r, at : at + n])
                 at += n
                 order.append(i)
             # the padded tail is one more "sample" of its own, with no labels
@@ -122,5 +125,5 @@ class PackedCollator(Collator):
             "cu_seq_lens": cu,
             "max_seq_len": torch.tensor(longest),
         }
-        out.update(self.counts(batch, weights))
+        out.update(self.counts(samples, weights))
         return out | self.pixels([batch[i] for i in order])

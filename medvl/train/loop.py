@@ -23,6 +23,7 @@ from accelerate.utils import (
     DistributedDataParallelKwargs,
     DistributedType,
     FullyShardedDataParallelPlugin,
+    ParallelismConfig,
     set_seed,
 )
 from torch.utils.data import DataLoader
@@ -311,17 +312,24 @@ def data_workers(cfg: StageConfig, accelerator: Accelerator) -> int:
     return max(0, min(4, (os.cpu_count() or 1) // local - 1))
 
 
-def enable_fsdp_on_cpu(accelerator: Accelerator) -> None:
+def enable_fsdp_on_cpu(accelerator: Accelerator, hybrid: bool = False) -> None:
     """FSDP2 for processes without a GPU (a gloo group), as `accelerate launch` with an FSDP config
     asked. accelerate 1.15 applies FSDP only to GPU-class process groups and would silently run
     DDP on MULTI_CPU; FSDP2 itself (torch `fully_shard`) runs on gloo, and so does accelerate's FSDP2
-    preparation once the state says FSDP. This is what lets the FSDP path be tested on a CPU machine."""
+    preparation once the state says FSDP. This is what lets the FSDP path be tested on a CPU machine.
+    `hybrid`: the launch asked for a parallelism config (replicas x shards, from the
+    PARALLELISM_CONFIG_* variables), applied here as the Accelerator would have on a GPU."""
     plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables accelerate launch set
     if plugin.fsdp_version != 2:
         raise ValueError("FSDP without a GPU needs fsdp_version: 2 in the accelerate config")
     # both singletons: a later AcceleratorState() copies PartialState's fields over its own
     PartialState().distributed_type = accelerator.state.distributed_type = DistributedType.FSDP
     accelerator.state.fsdp_plugin = plugin
+    if hybrid:
+        config = ParallelismConfig()
+        accelerator.state.parallelism_config = config
+        accelerator.state.device_mesh = config.get_device_mesh("cpu")
+        config._validate_accelerator(accelerator)
 
 
 def deepspeed_offloads_optimizer(accelerator: Accelerator) -> bool:
@@ -411,17 +419,23 @@ def train_stage(cfg: StageConfig, resume: bool = False, stop_after: int | None =
         vlm = lora_lib.load_4bit(cfg.model, cfg.lora)
     else:
         vlm = load(cfg.model)
+    fsdp_on_cpu = cpu and world > 1 and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    # A parallelism config (hybrid sharding, configs/accelerate/multi-node.yaml) is checked against
+    # the distributed type as the Accelerator is built; on CPU that type only becomes FSDP in
+    # enable_fsdp_on_cpu, which applies the config itself.
+    hybrid_on_cpu = fsdp_on_cpu and os.environ.pop("ACCELERATE_USE_PARALLELISM_CONFIG", "") == "true"
     accelerator = Accelerator(
         cpu=cpu and not use_deepspeed,
-        # a micro-batch without images leaves the vision tower and projector without gradient
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        # every trainable parameter takes part in every micro-batch (the collator's vision filler,
+        # unread vision layers frozen): DDP need not search the graph for unused ones each step
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
         gradient_accumulation_steps=accum,
         mixed_precision="bf16" if use_bf16 else "no",
         log_with="tensorboard",
         project_dir=str(cfg.output_dir),
     )
-    if cpu and world > 1 and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        enable_fsdp_on_cpu(accelerator)
+    if fsdp_on_cpu:
+        enable_fsdp_on_cpu(accelerator, hybrid_on_cpu)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
         # the stage decides: DeepSpeed's engine clips (its default is 1.0, whatever the stage says)
@@ -489,9 +503,11 @@ def train_stage(cfg: StageConfig, resume: bool = False, stop_after: int | None =
         packed=cfg.packing == "soft",
     )
     collate = (
-        PackedCollator(vlm, None if varlen_attention(cfg) else cfg.max_length, cfg.loss_normalization)
+        PackedCollator(
+            vlm, None if varlen_attention(cfg) else cfg.max_length, cfg.loss_normalization, vision_filler=True
+        )
         if cfg.packing == "soft"
-        else Collator(vlm, cfg.loss_normalization)
+        else Collator(vlm, cfg.loss_normalization, vision_filler=True)
     )
     cuda = accelerator.device.type == "cuda"
     loader = DataLoader(
@@ -527,10 +543,6 @@ def train_stage(cfg: StageConfig, resume: bool = False, stop_after: int | None =
             b = {k: v.to(accelerator.device, non_blocking=cuda) for k, v in b.items()}
             with accelerator.accumulate(model):
                 loss, n_logits = loss_sum(model, b)
-                if not loss.requires_grad:
-                    # e.g. only the projector trains and this micro-batch has no image: a zero
-                    # gradient still has to flow, so that every rank takes part in the reduction
-                    loss = loss + sum(p.sum() for p in params) * 0
                 # accelerate divides by `accum` and DDP averages over ranks: undo both, so the
                 # gradient is that of (weighted sum over the global batch) / (its units).
                 accelerator.backward(loss * accelerator.num_processes * accum / n_units)
