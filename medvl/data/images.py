@@ -9,8 +9,9 @@ Given the side the model sees (`size`), a large image is brought down towards it
 JPEG decodes at 1/2, 1/4 or 1/8 scale (DCT scaling, a proper low-pass) never below 1.5 x `size`,
 and any image is then box-averaged by a whole factor never below 2 x `size` (PIL's `reducing_gap`
 idea: the processor's antialiased resize still does the last factor). The processor then has far
-fewer pixels to resample: 1024 px SLAKE scans read and resized for a 224/336 px tower 1.8x faster,
-pixel values 0.002 from the full read's on average (benchmarks/image_read.py, tests/test_images.py).
+fewer pixels to resample: 1024 px SLAKE scans read and resized for a 224/336 px tower 2.0-2.2x
+faster, pixel values 0.002 from the full read's on average (benchmarks/image_read.py; tested in
+tests/test_images.py).
 Training, evaluation and serving all read images through here with the model's size, so they see
 the same pixels.
 """
