@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from medvl.data.images import load_image
-from medvl.model.build import _square_image_processor
+from medvl.model.build import square_image_processor
 
 
 def baseline_read(path: Path) -> Image.Image:
@@ -51,7 +51,7 @@ def main() -> None:
     sides = [min(Image.open(p).size) for p in paths]
     rows = []
     for size in args.sizes:
-        processor = _square_image_processor(size)
+        processor = square_image_processor(size)
         base, ref = timed(baseline_read, paths, processor, args.repeats)
         ours, px = timed(lambda p, s=size: load_image(p, size=s), paths, processor, args.repeats)
         diff = np.abs(px - ref)

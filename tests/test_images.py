@@ -122,9 +122,9 @@ def test_bad_input_names_the_source(tmp_path):
 
 
 def _processed(images, size: int) -> np.ndarray:
-    from medvl.model.build import _square_image_processor
+    from medvl.model.build import square_image_processor
 
-    return _square_image_processor(size)(images, return_tensors="np")["pixel_values"]
+    return square_image_processor(size)(images, return_tensors="np")["pixel_values"]
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])

@@ -142,14 +142,15 @@ def build_from_configs(spec: PresetSpec, tokenizer, seed: int = 0) -> VLM:
         vcfg, tcfg, tokenizer, spec.vision_feature_layer, spec.vision_feature_select_strategy
     )
     model = LlavaForConditionalGeneration(config)
-    image_processor = _square_image_processor(vcfg.image_size)
+    image_processor = square_image_processor(vcfg.image_size)
     processor = make_processor(image_processor, tokenizer, vcfg, spec.vision_feature_select_strategy)
     _set_generation_defaults(model, tokenizer)
     return VLM(model.eval(), processor)
 
 
-def _square_image_processor(size: int) -> CLIPImageProcessorPil:
-    # Medical images keep their whole field of view: resize to a square, no centre crop.
+def square_image_processor(size: int) -> CLIPImageProcessorPil:
+    """The image processor of every medvl model: resize to a `size` square, no centre crop (medical
+    images keep their whole field of view), CLIP's normalisation."""
     return CLIPImageProcessorPil(
         size={"height": size, "width": size}, do_center_crop=False, crop_size={"height": size, "width": size}
     )
@@ -214,7 +215,7 @@ def build_from_parts(
     try:
         image_processor = AutoImageProcessor.from_pretrained(vision)
     except OSError:
-        image_processor = _square_image_processor(vcfg.image_size)
+        image_processor = square_image_processor(vcfg.image_size)
     processor = make_processor(image_processor, tokenizer, vcfg, vision_feature_select_strategy)
     _set_generation_defaults(model, tokenizer)
     return VLM(model.eval(), processor)

@@ -21,7 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel
 
 from medvl.data.images import load_image
-from medvl.model.build import PresetSpec, _square_image_processor
+from medvl.model.build import PresetSpec, square_image_processor
 
 
 def _cosine(step: int, total: int, warmup: int = 20) -> float:
@@ -110,7 +110,7 @@ def pretrain_vision(
     torch.manual_seed(seed)
     cfg = AutoConfig.for_model(**spec.vision_config)
     tower = CLIPVisionModel(cfg)
-    processor = _square_image_processor(cfg.image_size)
+    processor = square_image_processor(cfg.image_size)
     classes = {f: sorted({str(r.get(f)) for r in records}) for f in fields}
     heads = torch.nn.ModuleDict({f: torch.nn.Linear(cfg.hidden_size, len(c)) for f, c in classes.items()})
     targets = {f: torch.tensor([classes[f].index(str(r.get(f))) for r in records]) for f in fields}
