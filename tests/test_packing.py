@@ -290,3 +290,35 @@ def test_varlen_attention_equals_block_masked_sdpa(kv_heads, device):
     # boundaries read from position_ids when none are passed
     again, _ = varlen_attention_forward(module, q, k, v, None, position_ids=positions)
     torch.testing.assert_close(again, out)
+
+
+def test_varlen_picks_the_flash_kernel_under_mixed_precision(scale_tiny_model):
+    """bf16 mixed precision (autocast over fp32 weights) hands attention fp32 queries and keys (the
+    rotary embedding's fp32 cos/sin) and a bf16 value. varlen must still choose the bf16 flash kernel:
+    it once checked the query's own dtype and, on a GPU, would have fallen back to its per-sample loop
+    in every bf16 run. Checked here with CPU autocast: what each language-model layer receives, and
+    the dtype `flash_dtype` picks for it; with no autocast (fp32 training) there is no flash dtype."""
+    from transformers import AttentionInterface
+
+    from medvl.model.attention import flash_dtype, varlen_attention_forward
+
+    seen = []
+
+    def probe(module, query, key, value, attention_mask, **kwargs):
+        seen.append((query.dtype, value.dtype, flash_dtype(query)))
+        return varlen_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("varlen_probe", probe)
+    vlm = load(scale_tiny_model / "model")
+    model = vlm.model
+    model.config.text_config.use_cache = False
+    model.set_attn_implementation({"text_config": "varlen_probe", "vision_config": "sdpa"})
+    ids = torch.randint(5, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, position_ids=positions)
+    layers = model.config.text_config.num_hidden_layers
+    assert seen == [(torch.float32, torch.bfloat16, torch.bfloat16)] * layers
+    seen.clear()
+    model(input_ids=ids, position_ids=positions)
+    assert seen == [(torch.float32, torch.float32, None)] * layers

@@ -33,6 +33,22 @@ def boundaries(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return cu, int((cu[1:] - cu[:-1]).max())
 
 
+def flash_dtype(query: torch.Tensor) -> torch.dtype | None:
+    """The half-precision dtype the flash kernel is to run in, None when training is in fp32. Under
+    bf16 mixed precision (autocast over fp32 weights) queries and keys reach attention in fp32: the
+    rotary embedding multiplies them by fp32 cos/sin, and autocast does not cover that product. So
+    the query's own dtype is not enough; the autocast dtype counts (as in transformers' flash path)."""
+    if query.dtype in (torch.bfloat16, torch.float16):
+        return query.dtype
+    device = query.device.type
+    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in (
+        torch.bfloat16,
+        torch.float16,
+    ):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
 def varlen_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -61,11 +77,12 @@ def varlen_attention_forward(
         raise ValueError("varlen attention does not implement sliding-window layers; use sdpa")
     b, heads, s, d = query.shape
     gqa = key.shape[1] != heads
-    if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and not dropout:
+    half = flash_dtype(query)
+    if query.is_cuda and half is not None and not dropout:
         from torch.nn.attention.varlen import varlen_attn
 
         def flat(t: torch.Tensor) -> torch.Tensor:  # [b, h, s, d] -> [b*s, h, d]
-            return t.transpose(1, 2).reshape(b * s, t.shape[1], d)
+            return t.transpose(1, 2).reshape(b * s, t.shape[1], d).to(half)
 
         out = varlen_attn(
             flat(query),
