@@ -222,6 +222,12 @@ class Collator:
         w[0] = 0
         return w / w.sum().clamp(min=1) if self.per_sample else w
 
+    @staticmethod
+    def head_positions(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The positions whose next token has a label, in any row: where the LM head has to run.
+        Computed here, on the CPU, so the training step never waits on the GPU to find them."""
+        return {"head_positions": torch.nonzero((labels[:, 1:] != IGNORE).any(0)).reshape(-1)}
+
     def counts(
         self, batch: list[tuple[Sample, list[Image.Image]]], weights: torch.Tensor
     ) -> dict[str, torch.Tensor]:
@@ -256,4 +262,4 @@ class Collator:
             mask[i, :n] = 1
             weights[i, :n] = self.weights(s, labels[i, :n])
         out = {"input_ids": ids, "labels": labels, "attention_mask": mask, "loss_weights": weights}
-        return out | self.counts(batch, weights) | self.pixels(rows)
+        return out | self.head_positions(labels) | self.counts(batch, weights) | self.pixels(rows)

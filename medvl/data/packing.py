@@ -125,5 +125,5 @@ class PackedCollator(Collator):
             "cu_seq_lens": cu,
             "max_seq_len": torch.tensor(longest),
         }
-        out.update(self.counts(samples, weights))
+        out.update(self.head_positions(labels) | self.counts(samples, weights))
         return out | self.pixels([batch[i] for i in order])

@@ -237,13 +237,12 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     return inputs
 
 
-def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Next-token cross-entropy at labelled positions, each weighted (see `Collator`), summed; and the
-    number of positions the LM head ran at. Logits are computed only where the next token is labelled
+def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token cross-entropy at labelled positions, each weighted (see `Collator`), summed. Logits
+    are computed only at the batch's `head_positions`, where the next token is labelled
     (`logits_to_keep`): image tokens, prompts and padding never go through the LM head, whose
     [positions x vocabulary] logits are the largest activation of a VLM step (151k-word vocabularies)."""
-    labels, weights = batch["labels"], batch["loss_weights"]
-    keep = torch.nonzero((labels[:, 1:] != IGNORE).any(0)).reshape(-1)
+    labels, weights, keep = batch["labels"], batch["loss_weights"], batch["head_positions"]
     logits = model(**model_inputs(batch), logits_to_keep=keep).logits  # [rows, len(keep), vocab]
     ce = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(),
@@ -251,7 +250,7 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         ignore_index=IGNORE,
         reduction="none",
     )
-    return (ce * weights[:, keep + 1].reshape(-1)).sum(), logits.shape[0] * logits.shape[1]
+    return (ce * weights[:, keep + 1].reshape(-1)).sum()
 
 
 def attn_implementation(cfg: StageConfig) -> str:
@@ -536,13 +535,24 @@ def train_stage(cfg: StageConfig, resume: bool = False, stop_after: int | None =
         n_units = torch.tensor(sum(int(b["loss_units"]) for b in micro), device=accelerator.device)
         n_units = accelerator.reduce(n_units, "sum").clamp(min=1)
         step_loss = torch.zeros((), device=accelerator.device)
-        # non-padding tokens, all positions (padding included), images and LM-head positions of this rank
-        shape = torch.zeros(4, dtype=torch.long, device=accelerator.device)
+        # non-padding tokens, all positions (padding included), images and LM-head positions of this
+        # rank, counted from the CPU batches: reading a GPU tensor would make the host wait on the GPU
+        shape = [0, 0, 0, 0]
         size = cfg.image_size_at(step)
         for b in micro:
+            n_tokens, n_img = (
+                int(b["num_tokens"]),
+                0 if "pixel_values" not in b else b["pixel_values"].shape[0],
+            )
+            n_logits = b["head_positions"].numel() * b["input_ids"].shape[0]
+            shape = [
+                x + y for x, y in zip(shape, [n_tokens, b["input_ids"].numel(), n_img, n_logits], strict=True)
+            ]
+            window["tokens"] += n_tokens
+            window["flops"] += flops_per_step(base, n_tokens, n_img, size, n_logits)
             b = {k: v.to(accelerator.device, non_blocking=cuda) for k, v in b.items()}
             with accelerator.accumulate(model):
-                loss, n_logits = loss_sum(model, b)
+                loss = loss_sum(model, b)
                 # accelerate divides by `accum` and DDP averages over ranks: undo both, so the
                 # gradient is that of (weighted sum over the global batch) / (its units).
                 accelerator.backward(loss * accelerator.num_processes * accum / n_units)
@@ -551,16 +561,11 @@ def train_stage(cfg: StageConfig, resume: bool = False, stop_after: int | None =
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             step_loss += loss.detach()
-            window["tokens"] += int(b["num_tokens"])
-            n_img = 0 if "pixel_values" not in b else b["pixel_values"].shape[0]
-            window["flops"] += flops_per_step(base, int(b["num_tokens"]), n_img, size, n_logits)
-            shape += torch.tensor(
-                [int(b["num_tokens"]), b["input_ids"].numel(), n_img, n_logits], device=accelerator.device
-            )
         scheduler.step()
         loss = (accelerator.reduce(step_loss, "sum") / n_units).item()
         lr = scheduler.get_last_lr()[0]
-        tokens, positions, images, logit_positions = accelerator.reduce(shape, "sum").tolist()
+        shape = accelerator.reduce(torch.tensor(shape, device=accelerator.device), "sum")
+        tokens, positions, images, logit_positions = shape.tolist()
         history.append(
             {
                 "step": step + 1,
