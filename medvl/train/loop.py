@@ -537,17 +537,13 @@ def train_stage(cfg: StageConfig, resume: bool = False, stop_after: int | None =
         step_loss = torch.zeros((), device=accelerator.device)
         # non-padding tokens, all positions (padding included), images and LM-head positions of this
         # rank, counted from the CPU batches: reading a GPU tensor would make the host wait on the GPU
-        shape = [0, 0, 0, 0]
+        shape = torch.zeros(4, dtype=torch.long)
         size = cfg.image_size_at(step)
         for b in micro:
-            n_tokens, n_img = (
-                int(b["num_tokens"]),
-                0 if "pixel_values" not in b else b["pixel_values"].shape[0],
-            )
+            n_tokens = int(b["num_tokens"])
+            n_img = b["pixel_values"].shape[0] if "pixel_values" in b else 0
             n_logits = b["head_positions"].numel() * b["input_ids"].shape[0]
-            shape = [
-                x + y for x, y in zip(shape, [n_tokens, b["input_ids"].numel(), n_img, n_logits], strict=True)
-            ]
+            shape += torch.tensor([n_tokens, b["input_ids"].numel(), n_img, n_logits])
             window["tokens"] += n_tokens
             window["flops"] += flops_per_step(base, n_tokens, n_img, size, n_logits)
             b = {k: v.to(accelerator.device, non_blocking=cuda) for k, v in b.items()}
@@ -564,8 +560,9 @@ def train_stage(cfg: StageConfig, resume: bool = False, stop_after: int | None =
         scheduler.step()
         loss = (accelerator.reduce(step_loss, "sum") / n_units).item()
         lr = scheduler.get_last_lr()[0]
-        shape = accelerator.reduce(torch.tensor(shape, device=accelerator.device), "sum")
-        tokens, positions, images, logit_positions = shape.tolist()
+        tokens, positions, images, logit_positions = accelerator.reduce(
+            shape.to(accelerator.device), "sum"
+        ).tolist()
         history.append(
             {
                 "step": step + 1,
