@@ -422,7 +422,7 @@ def train_stage(cfg: StageConfig, resume: bool = False, stop_after: int | None =
     # A parallelism config (hybrid sharding, configs/accelerate/multi-node.yaml) is checked against
     # the distributed type as the Accelerator is built; on CPU that type only becomes FSDP in
     # enable_fsdp_on_cpu, which applies the config itself.
-    hybrid_on_cpu = fsdp_on_cpu and os.environ.pop("ACCELERATE_USE_PARALLELISM_CONFIG", "") == "true"
+    hybrid_on_cpu = fsdp_on_cpu and os.environ.pop("ACCELERATE_USE_PARALLELISM_CONFIG", "").lower() == "true"
     accelerator = Accelerator(
         cpu=cpu and not use_deepspeed,
         # every trainable parameter takes part in every micro-batch (the collator's vision filler,
@@ -546,7 +546,8 @@ def train_stage(cfg: StageConfig, resume: bool = False, stop_after: int | None =
             shape += torch.tensor([n_tokens, b["input_ids"].numel(), n_img, n_logits])
             window["tokens"] += n_tokens
             window["flops"] += flops_per_step(base, n_tokens, n_img, size, n_logits)
-            b = {k: v.to(accelerator.device, non_blocking=cuda) for k, v in b.items()}
+            # counts and the longest sample (0-dim) stay on the host, where they are read
+            b = {k: v.to(accelerator.device, non_blocking=cuda) if v.dim() else v for k, v in b.items()}
             with accelerator.accumulate(model):
                 loss = loss_sum(model, b)
                 # accelerate divides by `accum` and DDP averages over ranks: undo both, so the
