@@ -15,7 +15,8 @@ import typer
 
 from medvl import RESEARCH_ONLY
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "quickstart"
+# Shipped as package data, so `medvl quickstart` runs from any folder after a plain `pip install`.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "quickstart"
 
 # Sizes for the default run (about 10 minutes on 2 CPU cores); `--small` is the test configuration.
 SIZES = {
