@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from medvl.eval.benchmarks import BenchmarkError, build_prompt, load_benchmark
+from medvl.eval.benchmarks import BenchmarkError, load_benchmark
 from medvl.eval.harness import rescore
 from medvl.eval.report import REFERENCE_COLUMNS, load_reference
 from medvl.eval.scoring import (
@@ -22,6 +22,7 @@ from medvl.eval.scoring import (
     score,
     token_recall,
 )
+from medvl.prompts import build_prompt
 
 HANDSCORED = Path(__file__).parent / "data" / "eval" / "predictions_handscored.jsonl"
 OPTS = {"A": "CT", "B": "MR", "C": "X-ray", "D": "PET"}

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from medvl.prompts import IMAGE_TOKEN, MC_INSTRUCTION
 from medvl.synth.dataset import read_records, write_synthetic
 from medvl.synth.images import (
     ANATOMIES,
@@ -29,14 +30,7 @@ from medvl.synth.images import (
     render,
 )
 from medvl.synth.phantom import LABELS, LESION_KINDS, LESION_LABEL, WINDOWS, make_phantom, window
-from medvl.synth.templates import (
-    IMAGE_TOKEN,
-    LETTERS,
-    MC_INSTRUCTION,
-    build_quickstart_data,
-    mc_benchmark,
-    mc_questions,
-)
+from medvl.synth.templates import LETTERS, build_quickstart_data, mc_benchmark, mc_questions
 from medvl.vocab import DEPARTMENTS, MODALITIES, OMNIMEDVQA_QUESTION_TYPES
 
 # Expected HU range of every labelled structure (noise included).
@@ -287,7 +281,7 @@ def test_mc_questions_answer_points_at_label(quick) -> None:
         assert lines[0] == IMAGE_TOKEN and lines[-1] == MC_INSTRUCTION
         opts = {ln[0]: ln[3:] for ln in lines[2:-1]}
         assert list(opts) == list(LETTERS[: len(opts)]) and len(set(opts.values())) == len(opts) >= 3
-        # The answer is exactly one option's text (see format_mc_answer).
+        # The answer is exactly one option's text (see medvl.prompts.mc_answer).
         assert [t for t in opts.values() if t in answer] == [answer]
         rec = by_id[s["id"].rsplit("_", 1)[0]]
         truth = {

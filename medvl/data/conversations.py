@@ -18,7 +18,7 @@ from PIL import Image
 
 from medvl.data.images import load_image
 from medvl.model.build import VLM
-from medvl.model.tokenizer import IMAGE_TOKEN
+from medvl.prompts import IMAGE_TOKEN
 
 # a micro-batch without images gets this sample (see `Collator.filler`)
 FILLER_ID = "<vision filler>"

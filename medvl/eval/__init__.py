@@ -1,25 +1,15 @@
 """Evaluation: medical VQA benchmarks, VLMEvalKit-style scoring, reports with published reference rows.
 See docs/eval.md."""
 
-from medvl.eval.benchmarks import (
-    MC_INSTRUCTION,
-    SHORT_INSTRUCTION,
-    BenchmarkError,
-    Item,
-    build_prompt,
-    load_benchmark,
-)
+from medvl.eval.benchmarks import BenchmarkError, Item, load_benchmark
 from medvl.eval.harness import APIModel, LocalModel, evaluate, rescore
 from medvl.eval.scoring import extract_choice, normalize_answer, score, token_recall
 
 __all__ = [
-    "MC_INSTRUCTION",
-    "SHORT_INSTRUCTION",
     "APIModel",
     "BenchmarkError",
     "Item",
     "LocalModel",
-    "build_prompt",
     "evaluate",
     "extract_choice",
     "load_benchmark",

@@ -19,15 +19,10 @@ from typing import Literal
 from PIL import Image
 
 from medvl.data.images import load_image
+from medvl.prompts import OPTION_LETTERS as LETTERS
+from medvl.prompts import build_prompt
 
 Kind = Literal["mc", "closed", "open"]
-LETTERS = "ABCDEFGHI"
-
-# The one prompt per question type. Multiple choice is the LLaVA / VLMEvalKit prompt that medvl's
-# training data also uses, so a trained model answers like "B. MR".
-MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
-# Closed and open questions: LLaVA-1.5's short-answer VQA prompt.
-SHORT_INSTRUCTION = "Answer the question using a single word or phrase."
 
 # MMMU's Health & Medicine track (reference Table 4) is these five subjects.
 MMMU_HEALTH_SUBJECTS = (
@@ -58,16 +53,6 @@ class Item:
 
     def load_images(self, size: int | None = None) -> list[Image.Image]:
         return [load_image(s if isinstance(s, Path) else base64.b64decode(s), size=size) for s in self.images]
-
-
-def build_prompt(question: str, options: dict[str, str]) -> str:
-    """Multiple choice: the question, one `X. text` line per option, then :data:`MC_INSTRUCTION`.
-    Otherwise the question then :data:`SHORT_INSTRUCTION`."""
-    if options:
-        lines = [question.strip(), *(f"{k}. {v}" for k, v in options.items()), MC_INSTRUCTION]
-    else:
-        lines = [question.strip(), SHORT_INSTRUCTION]
-    return "\n".join(lines)
 
 
 def _need(row: dict, key: str, where: str) -> str:

@@ -22,9 +22,10 @@ from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import medvl
-from medvl.eval.benchmarks import MC_INSTRUCTION, SHORT_INSTRUCTION, Item, load_benchmark
+from medvl.eval.benchmarks import Item, load_benchmark
 from medvl.eval.report import build_report, write_report
 from medvl.eval.scoring import judge_unresolved, read_predictions
+from medvl.prompts import MC_INSTRUCTION, SHORT_INSTRUCTION
 
 VARIANTS = ("blank", "shuffled")
 DEFAULT_MAX_NEW_TOKENS = 32  # answers are a letter, a word or a phrase

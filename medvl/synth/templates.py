@@ -6,8 +6,8 @@ Samples use the LLaVA format::
     {"id": str, "image": "images/x.png" (absent for text-only),
      "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}
 
-Multiple-choice prompts and answers go through :func:`format_mc_prompt` and :func:`format_mc_answer`, the
-one place to change the answer format for training and evaluation alike.
+Prompts, multiple-choice replies and boxes come from :mod:`medvl.prompts`, the one place that sets
+the format for training, evaluation and serving alike.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-# The multiple-choice prompt is the evaluation harness's, so training matches what is measured.
-from medvl.eval.benchmarks import MC_INSTRUCTION
+from medvl.prompts import BOX_HINT, OPTION_LETTERS, box_1000, build_prompt, format_box, mc_answer, with_image
 from medvl.synth.dataset import read_records, write_synthetic
 from medvl.synth.images import (
     ANATOMIES,
@@ -33,9 +32,8 @@ from medvl.synth.images import (
 from medvl.synth.phantom import HU, WINDOWS
 from medvl.vocab import MODALITIES, OMNIMEDVQA_QUESTION_TYPES
 
-IMAGE_TOKEN = "<image>"
-LETTERS = "ABCD"
-BOX_HINT = "[x0, y0, x1, y1] (0-1000)"
+# Four options per synthetic multiple-choice question, as in OmniMedVQA.
+LETTERS = OPTION_LETTERS[:4]
 GRADES = ("grade 1", "grade 2", "grade 3")
 MODALITY_Q, ANATOMY_Q, DISEASE_Q, GRADE_Q, ATTRIBUTE_Q = OMNIMEDVQA_QUESTION_TYPES
 
@@ -111,35 +109,8 @@ FINDING_LOOKS: dict[str, str] = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------
-# formatting
-
-
-def format_mc_prompt(question: str, options: list[str]) -> str:
-    """Question, then "A. text" lines, then :data:`MC_INSTRUCTION` (no image token)."""
-    lines = [question] + [f"{LETTERS[i]}. {o}" for i, o in enumerate(options)] + [MC_INSTRUCTION]
-    return "\n".join(lines)
-
-
-def format_mc_answer(letter: str, text: str) -> str:
-    """The expected reply to a multiple-choice prompt: the option's text, e.g. ``"MR"``.
-
-    Replying with the letter needs a copy-the-letter circuit that a 5M-parameter model trained for
-    minutes on a CPU does not form (measured: letters stay at chance while the option text is often
-    right). VLMEvalKit's matching chain maps an answer that contains exactly one option's text to that
-    option, so the text is a valid multiple-choice answer; a real LLM can be trained with
-    ``f"{letter}. {text}"`` instead."""
-    return text
-
-
-def norm_box(bbox: list[int], width: int, height: int) -> list[int]:
-    """Pixel ``[x0, y0, x1, y1]`` -> integers in 0-1000, as common in VLM grounding data."""
-    return [round(v * 1000 / (width if i % 2 == 0 else height)) for i, v in enumerate(bbox)]
-
-
 def box_text(rec: dict) -> str:
-    b = norm_box(rec["bbox"], rec.get("width", 128), rec.get("height", 128))
-    return f"[{b[0]}, {b[1]}, {b[2]}, {b[3]}]"
+    return format_box(box_1000(rec["bbox"], rec.get("width", 128), rec.get("height", 128)))
 
 
 def finding_phrase(rec: dict) -> str:
@@ -184,7 +155,7 @@ def caption_text(rec: dict, rng: np.random.Generator) -> str:
 def _sample(rec: dict, suffix: str, turns: list[tuple[str, str]]) -> dict:
     conv = []
     for i, (q, a) in enumerate(turns):
-        conv.append({"from": "human", "value": f"{IMAGE_TOKEN}\n{q}" if i == 0 else q})
+        conv.append({"from": "human", "value": with_image(q) if i == 0 else q})
         conv.append({"from": "gpt", "value": a})
     return {"id": f"{rec['id']}_{suffix}", "image": rec["image"], "conversations": conv}
 
@@ -227,8 +198,8 @@ def mc_questions(records: list[dict], rng: np.random.Generator) -> list[dict]:
     out = []
     for rec in records:
         for k, (kind, question, opts, ans) in enumerate(mc_items(rec, rng)):
-            answer = format_mc_answer(LETTERS[ans], opts[ans])
-            out.append(_sample(rec, f"mc{k}", [(format_mc_prompt(question, opts), answer)]))
+            answer = mc_answer(LETTERS[ans], opts[ans])
+            out.append(_sample(rec, f"mc{k}", [(build_prompt(question, opts), answer)]))
             out[-1]["category"] = kind
     return out
 
@@ -366,7 +337,7 @@ def _described_mc(rec: dict, rng: np.random.Generator) -> list[tuple[str, str]]:
     teach a language model to pick an option's letter, as real pretrained LLMs already can."""
     context = f"The image shows: {caption_text(rec, rng)}"
     return [
-        (f"{context}\n{format_mc_prompt(question, opts)}", format_mc_answer(LETTERS[ans], opts[ans]))
+        (f"{context}\n{build_prompt(question, opts)}", mc_answer(LETTERS[ans], opts[ans]))
         for _, question, opts, ans in mc_items(rec, rng)
     ]
 
