@@ -6,13 +6,18 @@ BIN := $(VENV)/bin
 # where one is provided; the package's own `torch>=2.4` then installs nothing more.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup quickstart test lint browser clean
+.PHONY: setup quickstart test lint browser clean lock
 
-$(BIN)/.installed: pyproject.toml
+# Every other package comes at the version in constraints.txt, the set CI passed with, so a fresh
+# clone installs exactly what was tested (torch's own dependencies included).
+LOCK := constraints.txt
+PIP_VERSION := 26.3
+
+$(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[all,dev]"
+	$(BIN)/python -m pip install -q "pip==$(PIP_VERSION)"
+	$(BIN)/python -m pip install -q -c $(LOCK) "$(TORCH)"
+	$(BIN)/python -m pip install -q -c $(LOCK) -e ".[all,dev]"
 	touch $@
 
 setup: $(BIN)/.installed
@@ -30,6 +35,18 @@ browser:
 test: setup browser
 	$(BIN)/ruff check medvl tests benchmarks
 	$(BIN)/pytest -q
+
+# Refresh the lock: resolve today's newest versions allowed by pyproject.toml in a scratch venv and
+# write them to constraints.txt. Run `make test` afterwards and commit the file only if it passes.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install -q "pip==$(PIP_VERSION)"
+	.lock-venv/bin/python -m pip install -q "$(TORCH)"
+	.lock-venv/bin/python -m pip install -q -e ".[all,dev]"
+	{ head -n 2 $(LOCK); .lock-venv/bin/python -m pip freeze --exclude-editable | grep -iv '^torch=='; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf .lock-venv
 
 clean:
 	rm -rf $(VENV) runs
