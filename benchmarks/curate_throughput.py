@@ -40,7 +40,7 @@ from PIL import Image
 from medvl.curate.card import load_card
 from medvl.curate.images import ct_window, encode_png, to_display
 from medvl.curate.pipeline import curate
-from medvl.curate.synthetic import write_phantoms
+from medvl.synth.volumes import write_phantoms
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -65,7 +65,7 @@ def assert_balanced(report: dict) -> None:
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory) -> Path:
-    from medvl.curate.synthetic import write_phantoms
+    from medvl.synth.volumes import write_phantoms
 
     folder = tmp_path_factory.mktemp("phantoms")
     write_phantoms(folder, 6, shape=(24, 96, 96), seed=1)

@@ -1,6 +1,6 @@
-"""A synthetic 3D source for tests and benchmarks: phantoms from medvl.synth written as NIfTI image +
-label volumes, laid out as a user's data would be (`<region>/<case>.nii.gz`, `<region>/<case>_seg.nii.gz`),
-and then curated through the NIfTI adapter with configs/cards/synthetic-3d.yaml."""
+"""A synthetic 3D source for tests and benchmarks: phantoms written as NIfTI image + label volumes, laid
+out as a user's data would be (`<region>/<case>.nii.gz`, `<region>/<case>_seg.nii.gz`), so that
+curation reads them through its NIfTI adapter (configs/cards/synthetic-3d.yaml) like any real source."""
 
 from __future__ import annotations
 
