@@ -1,7 +1,13 @@
 """The one `medvl` command. Each subcommand lives beside its stage (medvl/<stage>/cli.py) and
-imports its heavy dependencies inside the function, so that `medvl --help` stays instant."""
+imports its heavy dependencies inside the function, so that `medvl --help` stays instant.
+
+An error ends the command with one line on stderr (for a bad input: the file, the field and the
+problem) and exit status 1; `medvl --debug <command>` (or MEDVL_DEBUG=1) shows the traceback instead."""
 
 from __future__ import annotations
+
+import os
+import sys
 
 import typer
 
@@ -25,6 +31,16 @@ app = typer.Typer(
     add_completion=False,
 )
 
+_debug = {"on": os.environ.get("MEDVL_DEBUG", "") not in ("", "0")}
+
+
+@app.callback()
+def _options(
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback when a command fails."),
+) -> None:
+    _debug["on"] = _debug["on"] or debug
+
+
 app.command("synth", rich_help_panel="1. Data")(synth)
 app.command("curate", rich_help_panel="1. Data")(curate)
 app.command("generate", rich_help_panel="1. Data")(generate)
@@ -38,5 +54,19 @@ app.command("serve", rich_help_panel="3. Evaluate and use")(serve)
 app.command("ui", rich_help_panel="3. Evaluate and use")(ui)
 app.command("quickstart", rich_help_panel="0. Start here")(quickstart)
 
+def main() -> None:
+    """The console entry point: `app` with errors reported in one line."""
+    try:
+        app()
+    except Exception as e:  # SystemExit (typer's own usage errors, exit codes) and Ctrl-C pass through
+        if _debug["on"]:
+            raise
+        # ValueErrors are the project's bad-input errors (InputError, card and benchmark errors) and
+        # already say what is wrong; anything else is named by its type.
+        message = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        typer.echo(f"medvl: error: {message} (--debug shows the traceback)", err=True)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -7,6 +7,8 @@ import csv
 import io
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -243,6 +245,31 @@ def test_mc_tsv_errors(tmp_path: Path) -> None:
         load_benchmark("mc", tmp_path / "absent.tsv")
     with pytest.raises(BenchmarkError, match="unknown benchmark"):
         load_benchmark("nope", path)
+
+
+def test_broken_image_cell_is_named_before_the_model_loads(tmp_path: Path) -> None:
+    good = base64.b64encode(_png()).decode()
+    row = {"question": "q", "A": "a", "B": "b", "answer": "A", "category": "Modality Recognition"}
+    rows = [{"index": str(i), "image": good, **row} for i in range(3)]
+    rows[2]["image"] = good[:-3]  # a cut cell: base64 padding broken
+    path = tmp_path / "bench.tsv"
+    _write_tsv(path, rows)
+    with pytest.raises(BenchmarkError, match=r"bench.tsv line 4, column 2 \(image\): not valid base64"):
+        load_benchmark("mc", path)
+    rows[2]["image"] = base64.b64encode(b"plain text, not a picture").decode()
+    _write_tsv(path, rows)
+    with pytest.raises(BenchmarkError, match=r"line 4, column 2 \(image\): the 25 decoded bytes are not"):
+        load_benchmark("mc", path)
+    # The command line: one line naming the file, line and column; the model folder does not exist,
+    # so a message about the benchmark proves the file was checked before any model was loaded.
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "medvl"), "eval", "--model", str(tmp_path / "no-model"),
+         "--bench", "mc", "--data", str(path), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "bench.tsv line 4, column 2 (image)" in lines[0], proc.stderr
 
 
 def test_mmmu_keeps_health_validation_choice_rows(tmp_path: Path) -> None:

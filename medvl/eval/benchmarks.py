@@ -8,7 +8,9 @@ source (a path or base64 text) and decoded only when a batch needs them.
 from __future__ import annotations
 
 import base64
+import binascii
 import csv
+import io
 import json
 import re
 from collections.abc import Callable
@@ -95,13 +97,35 @@ def _read_tsv(path: Path) -> list[dict[str, str]]:
 
 
 def _tsv_images(row: dict, by_index: dict[str, str], where: str) -> list[str]:
+    """The row's base64 images, each checked now (valid base64, a recognisable image header), so that
+    a broken cell is reported with its file, line and column before any model is loaded."""
     image = _need(row, "image", where).strip()
     if image.startswith("["):  # MMMU: several images as a JSON list of base64 strings
-        return json.loads(image)
-    # VLMEvalKit stores a repeated image once and refers to it by the index of the row holding it.
-    while len(image) < 64 and image in by_index:
-        image = by_index[image]
-    return [image]
+        try:
+            images = json.loads(image)
+        except json.JSONDecodeError as e:
+            raise BenchmarkError(f"{where}: not a JSON list of base64 images ({e.msg})") from None
+    else:
+        # VLMEvalKit stores a repeated image once and refers to it by the index of the row holding it.
+        while len(image) < 64 and image in by_index:
+            image = by_index[image]
+        images = [image]
+    for i, b64 in enumerate(images):
+        _check_base64_image(b64, where if len(images) == 1 else f"{where} (image {i + 1})")
+    return images
+
+
+def _check_base64_image(b64: str, where: str) -> None:
+    try:
+        data = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise BenchmarkError(f"{where}: not valid base64 ({e})") from None
+    try:  # the header only: decoding every pixel here would double the cost of a run
+        with Image.open(io.BytesIO(data)):
+            pass
+    except Exception:  # PIL raises several types for unreadable headers
+        if data[128:132] != b"DICM":  # DICOM (PIL does not read it) is checked when decoded
+            raise BenchmarkError(f"{where}: the {len(data)} decoded bytes are not an image") from None
 
 
 def load_tsv(
@@ -115,6 +139,7 @@ def load_tsv(
     to the column names it may have (the first one present is used)."""
     rows = _read_tsv(path)
     by_index = {r.get("index", ""): r.get("image", "") for r in rows}
+    column = list(rows[0]).index("image") + 1 if "image" in rows[0] else 0
     items = []
     for n, row in enumerate(rows, start=2):
         where = f"{path} line {n}"
@@ -138,7 +163,7 @@ def load_tsv(
                 question=_need(row, "question", where),
                 kind="mc",
                 answer=answer,
-                images=_tsv_images(row, by_index, where),
+                images=_tsv_images(row, by_index, f"{where}, column {column} (image)"),
                 options=options,
                 groups=found,
             )
