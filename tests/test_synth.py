@@ -26,8 +26,8 @@ from medvl.synth.images import (
     UNGRADED,
     Plan,
     bbox_location,
-    generate,
     render,
+    synthesize,
 )
 from medvl.synth.phantom import LABELS, LESION_KINDS, LESION_LABEL, WINDOWS, make_phantom, window
 from medvl.synth.templates import LETTERS, build_quickstart_data, mc_benchmark, mc_questions
@@ -150,7 +150,7 @@ def test_grade_is_size() -> None:
 
 
 def test_generate_is_deterministic_and_varied() -> None:
-    a, b, c = generate(3), generate(3), generate(4)
+    a, b, c = synthesize(3), synthesize(3), synthesize(4)
     assert np.array_equal(a.image, b.image) and a.labels() == b.labels()
     assert not np.array_equal(a.image, c.image)
     # natural variation: two normal chest X-rays are not identical
@@ -165,7 +165,7 @@ def test_modalities_learnable_at_32px() -> None:
         xs, ys = [], []
         for s in seeds:
             for k, m in enumerate(GEN_MODALITIES):
-                img = Image.fromarray(generate(s * 10 + k, 64, m).image).resize((32, 32), Image.BILINEAR)
+                img = Image.fromarray(synthesize(s * 10 + k, 64, m).image).resize((32, 32), Image.BILINEAR)
                 xs.append(np.asarray(img, np.float32).ravel() / 255.0)
                 ys.append(k)
         return np.stack(xs), np.array(ys)
@@ -221,7 +221,7 @@ def test_records_vocabulary_and_balance(tmp_path: Path) -> None:
             assert 0 <= x0 < x1 <= 96 and 0 <= y0 < y1 <= 96
             assert r["location"] in QUADRANTS and r["location"] == bbox_location(r["bbox"], 96, 96)
         # a record regenerates from its own seed
-        assert generate(r["seed"], 96, r["modality"]).labels()["bbox"] == r["bbox"]
+        assert synthesize(r["seed"], 96, r["modality"]).labels()["bbox"] == r["bbox"]
 
 
 # -------------------------------------------------------------------------------------------- templates

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from medvl.synth.images import GEN_MODALITIES, generate
+from medvl.synth.images import GEN_MODALITIES, synthesize
 
 RECORD_KEYS = (
     "id",
@@ -28,7 +28,7 @@ RECORD_KEYS = (
 
 
 def image_seed(seed: int, stream: int, index: int) -> int:
-    """Per-image seed, so one image can be regenerated alone with ``images.generate(record["seed"])``."""
+    """Per-image seed, so one image can be regenerated alone with ``images.synthesize(record["seed"])``."""
     return int(np.random.SeedSequence([seed, stream, index]).generate_state(1)[0])
 
 
@@ -53,7 +53,7 @@ def write_synthetic(
     with path.open("w", encoding="utf-8") as f:
         for i in range(n):
             s = image_seed(seed, stream, i)
-            img = generate(s, size, GEN_MODALITIES[i % len(GEN_MODALITIES)])
+            img = synthesize(s, size, GEN_MODALITIES[i % len(GEN_MODALITIES)])
             rid = f"{prefix}_{i:06d}"
             rel = f"images/{rid}.png"
             Image.fromarray(img.image).save(out / rel, format="PNG", compress_level=1)

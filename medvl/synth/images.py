@@ -168,7 +168,7 @@ def render(plan: Plan, seed: int, size: int = 128) -> SynthImage:
     )
 
 
-def generate(seed: int, size: int = 128, modality: str | None = None) -> SynthImage:
+def synthesize(seed: int, size: int = 128, modality: str | None = None) -> SynthImage:
     """One random labelled image; the same seed always gives the same image."""
     return render(sample_plan(np.random.default_rng([seed, 0]), modality), seed, size)
 
