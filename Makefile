@@ -11,11 +11,10 @@ TORCH ?= torch==2.13.0
 # Every other package comes at the version in constraints.txt, the set CI passed with, so a fresh
 # clone installs exactly what was tested (torch's own dependencies included).
 LOCK := constraints.txt
-PIP_VERSION := 26.3
 
 $(BIN)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q "pip==$(PIP_VERSION)"
+	$(BIN)/python -m pip install -q -c $(LOCK) pip setuptools
 	$(BIN)/python -m pip install -q -c $(LOCK) "$(TORCH)"
 	$(BIN)/python -m pip install -q -c $(LOCK) -e ".[all,dev]"
 	touch $@
@@ -41,10 +40,10 @@ test: setup browser
 lock:
 	rm -rf .lock-venv
 	$(PYTHON) -m venv .lock-venv
-	.lock-venv/bin/python -m pip install -q "pip==$(PIP_VERSION)"
+	.lock-venv/bin/python -m pip install -q --upgrade pip setuptools
 	.lock-venv/bin/python -m pip install -q "$(TORCH)"
 	.lock-venv/bin/python -m pip install -q -e ".[all,dev]"
-	{ head -n 2 $(LOCK); .lock-venv/bin/python -m pip freeze --exclude-editable | grep -iv '^torch=='; } > $(LOCK).new
+	{ head -n 2 $(LOCK); .lock-venv/bin/python -m pip freeze --all --exclude-editable | grep -iv '^torch=='; } > $(LOCK).new
 	mv $(LOCK).new $(LOCK)
 	rm -rf .lock-venv
 

@@ -177,4 +177,8 @@ def quickstart(
     typer.echo(f"Report: {out / 'report.md'}  (JSON: {out / 'report.json'}, plot: {out / 'loss_curves.png'})")
     model = report["model"]
     typer.echo("Chat with the result:")
-    typer.echo(f"  .venv/bin/medvl chat --model {model} --image {out / 'data' / 'images'}/<file>.png")
+    typer.echo(f"  medvl chat --model {model} --image {out / 'data' / 'images'}/<file>.png")
+    failed = [name for name, ok in report["checks"].items() if not ok]
+    if failed:  # a quickstart that misses its own checks must not look like a success (CI runs it)
+        typer.echo(f"medvl quickstart: {len(failed)} check(s) failed: {'; '.join(failed)}", err=True)
+        raise typer.Exit(code=1)

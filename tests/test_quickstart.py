@@ -4,8 +4,12 @@ assemble from parts, stages I-III, evaluate, report)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
-from conftest import SHARED_DATA
+import pytest
+from conftest import REPO, SHARED_DATA
 
 from medvl.eval import evaluate, rescore
 from medvl.eval.harness import prediction_path
@@ -46,3 +50,29 @@ def test_quickstart_small_runs_the_whole_pipeline(tmp_path):
         assert sum(g["n"] for g in rep["breakdowns"]["answer type"].values()) == 1061
         again = rescore(prediction_path(out / "eval-slake"), out / "eval-slake-again")
         assert again["overall"] == rep["overall"]
+
+
+@pytest.mark.slow
+def test_installed_quickstart_passes_its_checks_from_an_empty_folder(tmp_path):
+    """CI's quality gate. The package is built as a wheel and installed without the checkout (so the
+    stage configs must ship as package data), then `medvl quickstart` runs at its default size from
+    an empty folder and must pass all three of its checks: it exits non-zero when one fails."""
+    wheel_dir, site, work = tmp_path / "wheel", tmp_path / "site", tmp_path / "empty"
+    work.mkdir()
+    pip = [sys.executable, "-m", "pip", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", wheel_dir, REPO], check=True)
+    (wheel,) = wheel_dir.glob("medvl-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", site, wheel], check=True)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    where = subprocess.run(
+        [sys.executable, "-c", "import medvl; print(medvl.__file__)"], env=env, cwd=work,
+        capture_output=True, text=True, check=True,
+    )
+    assert where.stdout.startswith(str(site)), where.stdout  # the installed copy, not the checkout
+    proc = subprocess.run(
+        [sys.executable, "-m", "medvl.cli", "quickstart", "--out", "qs"], env=env, cwd=work,
+        capture_output=True, text=True,
+    )
+    report = json.loads((work / "qs" / "report.json").read_text())
+    print((work / "qs" / "report.md").read_text())  # the figures, in CI's log
+    assert proc.returncode == 0 and all(report["checks"].values()), (report["checks"], proc.stderr[-2000:])
