@@ -44,7 +44,7 @@ OPTS = {"A": "CT", "B": "MR", "C": "X-ray", "D": "PET"}
         ("Answer: **A**", "A"),  # * and : are separators
         ("b", None),  # letters are case-sensitive: "a"/"b" may be words
         ("mr", "B"),  # option text is matched case-insensitively
-        ("It looks like an x-ray film", "C"),
+        ("It is an x-ray", "C"),  # option text inside an answer (at most twice the options' length)
         ("A or B", None),  # several letters: no letter wins, and no option text is inside
         ("B, not C", None),
         (

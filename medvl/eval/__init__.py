@@ -3,7 +3,8 @@ See docs/eval.md."""
 
 from medvl.eval.benchmarks import BenchmarkError, Item, load_benchmark
 from medvl.eval.harness import APIModel, LocalModel, evaluate, rescore
-from medvl.eval.scoring import extract_choice, normalize_answer, score, token_recall
+from medvl.eval.matching import extract_choice
+from medvl.eval.scoring import normalize_answer, score, token_recall
 
 __all__ = [
     "APIModel",

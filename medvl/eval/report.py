@@ -9,7 +9,8 @@ from pathlib import Path
 import yaml
 
 from medvl import RESEARCH_ONLY
-from medvl.eval.scoring import extract_choice, normalize_answer, score, score_row
+from medvl.eval.matching import MATCHING_VERSION, extract_choice
+from medvl.eval.scoring import normalize_answer, score, score_row
 
 REFERENCE_FILE = Path(__file__).with_name("reference_results.yaml")
 
@@ -154,9 +155,11 @@ def image_dependence(scored: list[dict], variants: dict[str, list[dict]]) -> dic
 def build_report(rows: list[dict], run: dict, variants: dict[str, list[dict]] | None = None) -> dict:
     metrics, scored = score(rows)
     report = {"research_only": RESEARCH_ONLY, "run": run, **metrics}
+    # Named at scoring time, as re-scoring an old prediction file applies this medvl's matching.
+    report["multiple_choice_matching"] = MATCHING_VERSION
     report["measures"] = (
         "accuracy: share of questions answered correctly (multiple choice: the option extracted by "
-        "VLMEvalKit-style exact matching; closed/open: normalised exact answer). open_recall: share of "
+        "VLMEvalKit's exact matching; closed/open: normalised exact answer). open_recall: share of "
         "the gold answer's tokens found in the answer. random_guess: expected accuracy of guessing "
         "uniformly among the non-empty options. unresolved/refused answers count as wrong."
     )
@@ -210,6 +213,7 @@ def to_markdown(report: dict) -> str:
             f"; without answers (submission file written): {report['unscored']}" if report["unscored"] else ""
         ),
         f"- {report['measures']}",
+        f"- multiple-choice matching: {report['multiple_choice_matching']}",
         "",
         "## Overall",
         "",

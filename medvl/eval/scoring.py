@@ -6,8 +6,9 @@ A prediction row (one JSON object per line) has `id`, `kind` ("mc", "closed" or 
 ({breakdown: value}) and `judge` (a letter an LLM judge chose for an answer exact matching left
 unresolved). medvl writes exactly this; another tool's output converts to it line by line.
 
-- Multiple choice: :func:`extract_choice`, VLMEvalKit's exact-matching chain. A refusal or an
-  unresolved answer is wrong, and both are counted.
+- Multiple choice: :func:`medvl.eval.matching.extract_choice`, VLMEvalKit's exact-matching chain
+  (the commit it follows is in :mod:`medvl.eval.matching`). A refusal or an unresolved answer is
+  wrong, and both are counted.
 - Closed questions: exact match after :func:`normalize_answer`.
 - Open questions: recall of the gold answer's tokens (LLaVA-Med's metric) and exact match.
 """
@@ -20,60 +21,7 @@ import unicodedata
 from collections import Counter
 from pathlib import Path
 
-# VLMEvalKit's `can_infer_option`: answers containing these refuse the question ("Z").
-REFUSALS = (
-    "Sorry, I can't help with images of people yet.",
-    "I can't process this file.",
-    "I'm sorry, but without the image provided",
-    "Cannot determine the answer",
-)
-REFUSED = "Z"
-_SEPARATORS = ".()[],:;!*#{}"
-# A letter counts only when it stands among the last tokens, so that "A 45-year-old man ... " is
-# not read as option A.
-_LAST_TOKENS = 5
-
-
-def _letter_choice(prediction: str, options: dict[str, str]) -> str | None:
-    for refusal in REFUSALS:
-        if refusal in prediction:
-            return REFUSED
-    text = prediction
-    for c in _SEPARATORS:
-        text = text.replace(c, " ")
-    tokens = text.split()
-    found = [k for k in options if k in tokens]
-    if len(found) == 1:
-        letter = found[0]
-        return letter if tokens.index(letter) > len(tokens) - _LAST_TOKENS else None
-    if not found and REFUSED in tokens:
-        return REFUSED
-    return None
-
-
-def _text_choice(prediction: str, options: dict[str, str]) -> str | None:
-    lowered = prediction.lower()
-    found = [k for k, v in options.items() if v.lower() in lowered]
-    return found[0] if len(found) == 1 else None
-
-
-def extract_choice(prediction: str, options: dict[str, str]) -> str | None:
-    """The option a free-text answer picks, by VLMEvalKit's exact-matching chain
-    (`vlmeval.utils.matching_util.can_infer`):
-
-    1. A refusal phrase (:data:`REFUSALS`) gives "Z".
-    2. After `.()[],:;!*#{}` become spaces, exactly one option letter standing alone as a token,
-       among the last five tokens, gives that letter. Letters are case-sensitive: "a" is an article.
-       No letter but a lone "Z" gives "Z".
-    3. Else exactly one option whose text (case-insensitively) occurs inside the answer gives it;
-       an option contained in another ("lung" / "lung cancer") matches both and resolves nothing.
-    4. Else None: unresolved, scored wrong unless an LLM judge resolves it.
-
-    Empty options must be left out of `options`.
-    """
-    prediction = str(prediction)
-    return _letter_choice(prediction, options) or _text_choice(prediction, options)
-
+from medvl.eval.matching import REFUSED, extract_choice
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _CJK = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
