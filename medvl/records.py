@@ -1,0 +1,156 @@
+"""Records: the rows stages pass to each other, and the one way to read row files.
+
+- `Strict`: the pydantic base of every config and card model (unknown keys are errors, so a typo in a
+  YAML file fails loudly instead of being ignored).
+- `CURATED_COLUMNS`: the curated-record schema (`medvl curate` writes it, generation reads it), one
+  documented entry per column; `curated_features()` / `curated_schema()` give it as Hugging Face
+  features / an Arrow schema.
+- `read_rows(path)`: a JSON list, JSONL or Parquet file (or a folder of Parquet files) as dicts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict
+
+from medvl.errors import InputError
+
+if TYPE_CHECKING:
+    import datasets
+    import pyarrow as pa
+
+
+class Strict(BaseModel):
+    """A model that refuses keys it does not declare."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str  # "string" | "int32" | "image" | "strings" (a list) | "boxes" (a list of pixel boxes)
+    doc: str
+
+
+CURATED_COLUMNS: tuple[Column, ...] = (
+    Column("id", "string", "Provenance id `source/file[#sliceN|#frameN]`; unique within a curated set."),
+    Column("image", "image", "The 2D image (slice, frame) as PNG bytes; decoded to a PIL image on load."),
+    Column("width", "int32", "Image width in pixels."),
+    Column("height", "int32", "Image height in pixels."),
+    Column("modality", "string", "Imaging modality, one of `medvl.vocab.MODALITIES`."),
+    Column("body_region", "string", "One of `medvl.vocab.BODY_REGIONS`; empty when the source does not say."),
+    Column("department", "string", "Clinical department, one of `medvl.vocab.DEPARTMENTS`."),
+    Column("original_task", "string", "The source dataset's task, one of `medvl.vocab.ORIGINAL_TASKS`."),
+    Column("clinical_task", "string", "One of `medvl.vocab.CLINICAL_TASKS`, by label or the card's default."),
+    Column(
+        "labels", "strings", "The image's labels after the card's `label_map`, each once, in source order."
+    ),
+    Column(
+        "boxes",
+        "boxes",
+        "Authoritative boxes: `label, x_min, y_min, x_max, y_max` in pixels of the stored image, maxima "
+        "exclusive (given by the source, or derived from its mask when it gave none).",
+    ),
+    Column(
+        "mask_boxes",
+        "boxes",
+        "Boxes derived from a mask when the source also gave boxes; kept to check one against the other.",
+    ),
+    Column("source", "string", "The dataset card's `name`."),
+    Column("license", "string", "The source's licence, as its card states it."),
+    Column("file", "string", "The source file (or series folder), relative to the card's root."),
+    Column("index", "int32", "Slice or frame index within `file`; -1 for a plain 2D image."),
+    Column("index_kind", "string", '"slice", "frame", or empty for a plain 2D image.'),
+    Column("sha256", "string", "SHA-256 of the decoded pixels (exact-duplicate key, format-independent)."),
+    Column("phash", "string", "64-bit perceptual hash of the image, 16 hex digits (near-duplicate key)."),
+    Column(
+        "duplicate_of", "string", "Id of the earlier record this one nearly or exactly repeats (flag policy)."
+    ),
+    Column(
+        "meta",
+        "string",
+        "JSON object: spacing, CT window, axis, frame time, allow-listed technical DICOM tags.",
+    ),
+)
+
+
+def curated_features() -> datasets.Features:
+    """The curated-record columns as Hugging Face features (`image` decodes to PIL)."""
+    import datasets as hf
+
+    box = hf.List(
+        {
+            k: hf.Value("string") if k == "label" else hf.Value("float32")
+            for k in ("label", "x_min", "y_min", "x_max", "y_max")
+        }
+    )
+    types = {
+        "string": hf.Value("string"),
+        "int32": hf.Value("int32"),
+        "image": hf.Image(),
+        "strings": hf.List(hf.Value("string")),
+        "boxes": box,
+    }
+    return hf.Features({c.name: types[c.type] for c in CURATED_COLUMNS})
+
+
+def curated_schema() -> pa.Schema:
+    """The Arrow schema curated Parquet files are written with (it carries the features as metadata,
+    so `datasets.load_dataset("parquet", ...)` decodes `image`)."""
+    return curated_features().arrow_schema
+
+
+def read_rows(path: str | Path | Sequence[str | Path]) -> list[dict]:
+    """Rows as dicts from a JSON list, a JSONL file, a Parquet file, a folder of Parquet files (sorted by
+    name, e.g. a curated set's `data/`) or a list of any of these, in order.
+
+    JSON vs JSONL is decided by the first character (`[`: a list), so a `.json` file holding one object
+    per line reads too. Bad input raises `InputError` naming the file and the line."""
+    if isinstance(path, (list, tuple)):
+        return [row for p in path for row in read_rows(p)]
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.parquet"))
+        if not files:
+            raise InputError(str(path), "folder", "holds no .parquet files")
+        return [row for f in files for row in read_rows(f)]
+    if not path.is_file():
+        raise InputError(str(path), "file", "not found")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises several types for a damaged file
+            raise InputError(str(path), "file", f"not a readable Parquet file ({type(e).__name__})") from None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(str(path), "file", "not UTF-8 text") from None
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(str(path), f"line {e.lineno}", f"not valid JSON ({e.msg})") from None
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise InputError(str(path), f"[{i}]", f"expected a JSON object, got {type(row).__name__}")
+        return rows
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(str(path), f"line {i}", f"not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise InputError(str(path), f"line {i}", f"expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
