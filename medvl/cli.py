@@ -14,9 +14,10 @@ import typer
 from medvl.curate.cli import curate
 from medvl.eval.cli import eval_cmd
 from medvl.generate.cli import generate
-from medvl.model.cli import build, chat
+from medvl.model.cli import build
 from medvl.quality.cli import quality
 from medvl.quickstart import quickstart
+from medvl.serve.chat import chat
 from medvl.serve.cli import serve, ui
 from medvl.synth.cli import synth
 from medvl.train.cli import pipeline, train

@@ -212,16 +212,17 @@ def test_api_model_matches_local(served, eval_tiny_model: Path, synthetic_mc: Pa
 
 
 def test_api_key_is_checked(served, synthetic_mc: Path, tmp_path: Path) -> None:
-    import openai
+    from medvl.llm import LLMError
 
     base, _ = served
-    with pytest.raises(openai.AuthenticationError):
+    with pytest.raises(LLMError) as caught:
         evaluate(APIModel(base, "tiny", "wrong"), "mc", synthetic_mc, tmp_path, limit=1, progress=False)
+    assert caught.value.status == 401 and caught.value.retries == 0 and base in str(caught.value)
 
 
 def test_llm_judge_through_endpoint(served, tmp_path: Path) -> None:
     """Unresolved answers go to the judge; its verdict is stored, and re-scoring does not ask again."""
-    from openai import OpenAI
+    from medvl.llm import LLMClient
 
     base, key = served
     rows = [
@@ -232,9 +233,14 @@ def test_llm_judge_through_endpoint(served, tmp_path: Path) -> None:
     ]  # fmt: skip
     path = tmp_path / "predictions.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    report = rescore(path, judge=(OpenAI(base_url=base, api_key=key), "tiny"))
+    judge = LLMClient(base, api_key=key)
+    report = rescore(path, judge=(judge, "tiny"))
     stored = [json.loads(x) for x in path.read_text().splitlines()]
     assert "judge" in stored[0] and "judge" not in stored[1]
     assert stored[0]["judge"] in ("A", "B", "Z")  # the tiny model's verdict, whatever it is
     assert report["overall"]["unresolved"] == 0  # the judge resolved (possibly to Z, a refusal)
     assert report["overall"]["accuracy"] == ((stored[0]["judge"] == "A") + 1) / 2
+    asked = judge.usage.paid
+    assert 1 <= asked <= 3  # one row; asked again (3 times in all) only while a reply resolves nothing
+    rescore(path, judge=(judge, "tiny"))
+    assert judge.usage.paid == asked  # the stored verdict is not asked for again

@@ -8,8 +8,11 @@ import concurrent.futures as cf
 import http.server
 import io
 import itertools
+import json
 import random
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -29,11 +32,12 @@ from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
 from medvl import RESEARCH_ONLY
-from medvl.data.images import load_image
+from medvl.imaging import read_image
 from medvl.model.build import VLM, build_preset, load
 from medvl.model.generate import Completion, generate, user_turn
 from medvl.model.tokenizer import train_tokenizer
-from medvl.serve.api import PromptCounter, ServeSettings, create_app
+from medvl.serve.api import ServeSettings, create_app
+from medvl.serve.limits import PromptCounter
 
 KEY = "test-key"
 SETTINGS = ServeSettings(
@@ -93,22 +97,29 @@ BATCHERS: dict = {}  # base URL -> the server's batcher, whose batch sizes a tes
 
 
 @contextmanager
-def running(vlm: VLM, settings: ServeSettings) -> Iterator[str]:
-    """A real uvicorn server on a loopback port, in a background thread; yields its base URL."""
-    app = create_app(vlm, settings)
+def serving(app) -> Iterator[str]:
+    """A real uvicorn server for an ASGI app on a loopback port, in a background thread; yields its
+    base URL."""
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         assert thread.is_alive(), "server failed to start"
         time.sleep(0.02)
-    url = f"http://127.0.0.1:{server.config.port}"
-    BATCHERS[url] = app.state.batcher
     try:
-        yield url
+        yield f"http://127.0.0.1:{server.config.port}"
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@contextmanager
+def running(vlm: VLM, settings: ServeSettings) -> Iterator[str]:
+    """`medvl serve`'s app on a loopback port; yields its base URL."""
+    app = create_app(vlm, settings)
+    with serving(app) as url:
+        BATCHERS[url] = app.state.batcher
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +179,27 @@ def test_models_and_api_key(server):
         client(server, "wrong").models.list()
     with pytest.raises(openai.AuthenticationError):
         client(server, "wrong").chat.completions.create(model="tiny", messages=ask("hi"), max_tokens=2)
-    assert_error_shape(httpx.get(f"{server}/v1/models"), 401)  # no Authorization header at all
     assert assert_error_shape(post(server, {"model": "tiny"}, key="nope"), 401)["code"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize(
+    ("header", "status", "says"),
+    [
+        (None, 401, "missing API key"),
+        (KEY, 401, "must read 'Bearer <key>'"),  # the bare key, without the scheme
+        (f"Basic {KEY}", 401, "must read 'Bearer <key>'"),
+        ("Bearer", 401, "incorrect API key"),
+        (f"Bearer {KEY}x", 401, "incorrect API key"),
+        (f"Bearer {KEY}", 200, None),
+        (f"bearer {KEY}", 200, None),  # the scheme is case-insensitive (RFC 9110)
+    ],
+)
+def test_authorization_header_must_be_bearer(server, header, status, says):
+    r = httpx.get(f"{server}/v1/models", headers={"Authorization": header} if header else {})
+    assert r.status_code == status, r.text
+    if says:
+        error = assert_error_shape(r, 401)
+        assert says in error["message"] and r.headers["www-authenticate"] == "Bearer"
 
 
 def test_completion_equals_in_process_generate(server, vlm):
@@ -286,7 +316,8 @@ def test_dicom_data_url(server, vlm, modality):
     path = get_testdata_file(DICOMS[modality])
     messages = ask("What does this scan show?", data_url(Path(path).read_bytes(), "application/dicom"))
     r = client(server).chat.completions.create(model="tiny", messages=messages, max_tokens=6)
-    image = load_image(path, size=vlm.model.config.vision_config.image_size)  # as the server reads it
+    size = vlm.model.config.vision_config.image_size
+    image = read_image(path, vlm.preprocessing, size=size)  # as the server reads it
     assert (
         r.choices[0].message.content == direct(vlm, "What does this scan show?", image, max_new_tokens=6).text
     )
@@ -530,7 +561,76 @@ def test_load_many_clients_some_bad(vlm):
             assert 400 <= r.status_code < 500
 
 
-# ---- medvl chat reads DICOM too ----
+# ---- a request body that stops arriving ----
+
+
+def _raw_exchange(url: str, body: bytes, pieces: list[tuple[float, bytes]]) -> tuple[bytes, float]:
+    """Over a plain socket: the request's headers (announcing `body`'s length), then each piece after
+    its pause; then everything the server sends until it closes the connection, and the seconds that
+    took after the last piece."""
+    host, port = url.removeprefix("http://").split(":")
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\n"
+        f"Host: {host}\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(head)
+        for pause, piece in pieces:
+            time.sleep(pause)
+            sock.sendall(piece)
+        start, answer = time.monotonic(), b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer, time.monotonic() - start
+
+
+def _status_and_json(answer: bytes) -> tuple[int, dict]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_stalled_body_gets_408(vlm):
+    """Headers and half the body, then nothing: a 408 in OpenAI's error shape once the configured
+    time has passed, and the server closes the connection; the server keeps serving."""
+    body = json.dumps({"model": "tiny", "messages": ask("Describe the liver."), "max_tokens": 2}).encode()
+    with running(vlm, replace(SETTINGS, body_timeout_s=1.0)) as url:
+        answer, waited = _raw_exchange(url, body, [(0, body[: len(body) // 2])])
+        assert post(url, {"model": "tiny", "messages": ask("hi"), "max_tokens": 1}).status_code == 200
+    status, error = _status_and_json(answer)
+    assert status == 408 and error["error"]["code"] == "request_timeout", answer
+    assert set(error["error"]) == {"message", "type", "param", "code"}
+    assert 1.0 <= waited < 5.0, waited  # the wait ends with the answer and the closed connection
+
+
+def test_slow_but_steady_body_is_read(vlm):
+    """The limit is on a pause, not on the whole body: pieces 0.6 s apart under a 1 s limit, 2.4 s in
+    all, make a normal request."""
+    body = json.dumps({"model": "tiny", "messages": ask("Describe the liver."), "max_tokens": 2}).encode()
+    quarter = len(body) // 4 + 1
+    pieces = [(0.6, body[i : i + quarter]) for i in range(0, len(body), quarter)]
+    with running(vlm, replace(SETTINGS, body_timeout_s=1.0)) as url:
+        answer, _ = _raw_exchange(url, body, pieces)
+    status, completion = _status_and_json(answer)
+    assert status == 200 and completion["object"] == "chat.completion", answer
+
+
+def test_stream_outlasting_the_body_limit_is_not_cut(vlm):
+    """Once the body is in, the limit is off: a streamed answer that takes longer than it (the
+    response waits on `receive` for a disconnect all along) arrives whole."""
+    limit = 0.25
+    with running(vlm, replace(SETTINGS, body_timeout_s=limit)) as url:
+        start = time.monotonic()
+        stream = client(url).chat.completions.create(
+            model="tiny", messages=ask("Describe the liver."), max_tokens=48, stream=True
+        )
+        finishes = [c.choices[0].finish_reason for c in stream if c.choices and c.choices[0].finish_reason]
+        took = time.monotonic() - start
+    assert len(finishes) == 1
+    assert took > 2 * limit, f"the answer took {took:.2f} s: too quick to test the limit"
+
+
+# ---- medvl chat ----
 
 
 def test_chat_cli_reads_dicom(varied_model_dir):
@@ -552,3 +652,27 @@ def test_chat_cli_reads_dicom(varied_model_dir):
     )
     assert result.exit_code == 0, result.output
     assert RESEARCH_ONLY in result.output and "medvl>" in result.output
+
+
+def _truncated_jpeg() -> bytes:
+    buf = io.BytesIO()
+    noise(64, 64).save(buf, "JPEG")
+    return buf.getvalue()[: len(buf.getvalue()) // 2]
+
+
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [("truncated.jpg", _truncated_jpeg()), ("empty.png", b""), ("notes.png", b"not an image, just text\n")],
+)
+def test_chat_unreadable_image_is_one_line(varied_model_dir, tmp_path, name, data):
+    """The installed command on a bad image: exit status 1 and one line on stderr naming the file,
+    before the model's weights load (so no progress bar either), no traceback."""
+    path = tmp_path / name
+    path.write_bytes(data)
+    medvl = Path(sys.executable).with_name("medvl")
+    args = [medvl, "chat", "--model", varied_model_dir, "--image", path, "-q", "Findings?"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0], r.stderr
+    assert "Traceback" not in r.stderr + r.stdout

@@ -14,7 +14,7 @@ from pydicom.data import get_testdata_file
 from test_serve import build_tiny_model, free_port
 
 from medvl import RESEARCH_ONLY
-from medvl.data.images import load_image
+from medvl.imaging import read_image
 from medvl.model.build import load
 from medvl.model.generate import Conversation, generate
 
@@ -74,9 +74,9 @@ def test_upload_ask_and_see_the_answer(tmp_path):
     ct, us = get_testdata_file("CT_small.dcm"), get_testdata_file("US1_UNCR.dcm")
     turns: list[tuple[str, str]] = []
     for q in ("What does the CT show?", "Is there a mass?"):
-        turns.append((q, expected(vlm, turns, q, load_image(ct, size=size))))
+        turns.append((q, expected(vlm, turns, q, read_image(ct, vlm.preprocessing, size=size))))
     us_question = "Describe the ultrasound."
-    us_answer = expected(vlm, [], us_question, load_image(us, size=size))
+    us_answer = expected(vlm, [], us_question, read_image(us, vlm.preprocessing, size=size))
     port = free_port()
     demo = launch(vlm, port=port, max_new_tokens=MAX_NEW_TOKENS)
     external: list[str] = []

@@ -48,9 +48,9 @@ def eval_cmd(
     if judge_base or judge_model:
         if not (judge_base and judge_model):
             raise typer.BadParameter("--judge-base and --judge-model go together")
-        from openai import OpenAI
+        from medvl.llm import LLMClient
 
-        judge = (OpenAI(base_url=judge_base, api_key=judge_key or "none"), judge_model)
+        judge = (LLMClient(judge_base, api_key=judge_key), judge_model)
     try:
         if rescore:
             report = rescore_file(rescore, out, bench=bench, judge=judge)

@@ -8,12 +8,8 @@ with the same arguments continues where it stopped. The image-dependence check w
 
 from __future__ import annotations
 
-import base64
-import io
 import json
-import os
 import random
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
@@ -25,6 +21,7 @@ import medvl
 from medvl.eval.benchmarks import Item, load_benchmark
 from medvl.eval.report import build_report, write_report
 from medvl.eval.scoring import judge_unresolved, read_predictions
+from medvl.llm import LLMClient, image_data_url
 from medvl.prompts import MC_INSTRUCTION, SHORT_INSTRUCTION
 
 VARIANTS = ("blank", "shuffled")
@@ -63,43 +60,28 @@ class LocalModel:
         return [c.text for c in generate(self.vlm, conversations, max_new_tokens=max_new_tokens)]
 
 
-def data_url(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 class APIModel:
     """A model behind an OpenAI-compatible chat endpoint (OpenAI, vLLM, `medvl serve`), asked at
-    temperature 0 with images as base64 `data:` URLs; a batch is sent as concurrent requests."""
+    temperature 0 with images as base64 `data:` URLs; a batch is sent as concurrent requests through
+    :class:`medvl.llm.LLMClient` (retries, concurrency limit, optional cache and cost: `client_options`
+    go to it; `self.client.usage` holds the totals). The key is `api_key`, else $OPENAI_API_KEY."""
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None) -> None:
-        from openai import OpenAI
-
-        # The client needs some key; local servers without auth accept any.
-        key = api_key or os.environ.get("OPENAI_API_KEY") or "none"
-        self.client, self.model, self.name = (
-            OpenAI(base_url=base_url, api_key=key),
-            model,
-            f"{model} @ {base_url}",
-        )
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, **client_options) -> None:
+        client_options.setdefault("api_key_env", "OPENAI_API_KEY")
+        self.client = LLMClient(base_url, api_key=api_key, **client_options)
+        self.model, self.name = model, f"{model} @ {base_url}"
         self.image_size = None  # the server reads the images it is sent at its model's size
 
-    def _one(self, prompt: tuple[str, list[Image.Image]], max_new_tokens: int) -> str:
-        text, images = prompt
-        content = [{"type": "image_url", "image_url": {"url": data_url(im)}} for im in images]
-        content.append({"type": "text", "text": text})
-        reply = self.client.chat.completions.create(
-            model=self.model,
-            messages=[{"role": "user", "content": content}],
-            temperature=0,
-            max_tokens=max_new_tokens,
-        )
-        return reply.choices[0].message.content or ""
-
     def answer(self, prompts: list[tuple[str, list[Image.Image]]], max_new_tokens: int) -> list[str]:
-        with ThreadPoolExecutor(max_workers=len(prompts) or 1) as pool:
-            return list(pool.map(lambda p: self._one(p, max_new_tokens), prompts))
+        conversations = []
+        for text, images in prompts:
+            content = [{"type": "image_url", "image_url": {"url": image_data_url(im)}} for im in images]
+            content.append({"type": "text", "text": text})
+            conversations.append([{"role": "user", "content": content}])
+        replies = self.client.complete_many(
+            self.model, conversations, temperature=0, max_tokens=max_new_tokens
+        )
+        return [r.text for r in replies]
 
 
 def as_answerer(model) -> Answerer:

@@ -20,8 +20,12 @@ import re
 import unicodedata
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from medvl.eval.matching import REFUSED, extract_choice
+
+if TYPE_CHECKING:
+    from medvl.llm import LLMClient
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _CJK = r"\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af"
@@ -153,26 +157,43 @@ JUDGE_PROMPT = (
 )
 
 
-def judge_unresolved(rows: list[dict], client, model: str, tries: int = 3) -> int:
-    """Ask an LLM (any OpenAI-compatible endpoint, `client` an `openai.OpenAI`) to map each unresolved
+def judge_unresolved(rows: list[dict], client: LLMClient, model: str, tries: int = 3) -> int:
+    """Ask an LLM (any OpenAI-compatible endpoint, through `client`) to map each unresolved
     multiple-choice answer onto an option; the verdict is stored in the row's `judge` field ("Z" when
-    it still fails). Returns how many rows were asked."""
-    asked = 0
-    for row in rows:
-        if row["kind"] != "mc" or "judge" in row or extract_choice(row["prediction"], row["options"]):
-            continue
-        options = " ".join(f"{k}. {v}" for k, v in row["options"].items())
-        prompt = JUDGE_PROMPT.format(
-            question=row.get("question", ""), options=options, prediction=row["prediction"]
+    it still fails). An answer the judge's reply does not resolve is asked again, up to `tries`
+    times in all (past the cache, which would repeat the reply). Returns how many rows were asked."""
+    todo = [
+        row
+        for row in rows
+        if row["kind"] == "mc"
+        and "judge" not in row
+        and not extract_choice(row["prediction"], row["options"])
+    ]
+    prompts = {
+        id(row): JUDGE_PROMPT.format(
+            question=row.get("question", ""),
+            options=" ".join(f"{k}. {v}" for k, v in row["options"].items()),
+            prediction=row["prediction"],
         )
-        verdict = None
-        for _ in range(tries):
-            reply = client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=8
-            )
-            verdict = extract_choice(reply.choices[0].message.content or "", row["options"])
+        for row in todo
+    }
+    verdicts: dict[int, str] = {}
+    pending = todo
+    for attempt in range(tries):
+        if not pending:
+            break
+        replies = client.complete_many(
+            model,
+            [[{"role": "user", "content": prompts[id(row)]}] for row in pending],
+            cache=attempt == 0,
+            temperature=0,
+            max_tokens=8,
+        )
+        for row, reply in zip(pending, replies, strict=True):
+            verdict = extract_choice(reply.text, row["options"])
             if verdict:
-                break
-        row["judge"] = verdict or REFUSED
-        asked += 1
-    return asked
+                verdicts[id(row)] = verdict
+        pending = [row for row in pending if id(row) not in verdicts]
+    for row in todo:
+        row["judge"] = verdicts.get(id(row), REFUSED)
+    return len(todo)

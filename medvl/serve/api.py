@@ -2,21 +2,21 @@
 not) and `GET /v1/models`, served by FastAPI.
 
 Everything a request carries is checked before it reaches the model, and every refusal comes back
-in OpenAI's error shape `{"error": {"message", "type", "param", "code"}}`: 401 (API key), 404
-(unknown model or route), 413 (request or image bytes), 429 (queue full), 400 (everything else that
-is wrong with a request). Images come only as `data:` URLs (base64 PNG, JPEG or DICOM); the server
+in OpenAI's error shape `{"error": {"message", "type", "param", "code"}}`: 401 (API key, sent as
+`Authorization: Bearer <key>`), 404 (unknown model or route), 408 (a request body that stops
+arriving), 413 (request or image bytes), 429 (queue full), 400 (everything else that is wrong with a
+request). Images come only as `data:` URLs (base64 PNG, JPEG or DICOM); the server
 fetches a URL or reads a file named in a request only under the operator's allow-lists.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-import copy
 import json
 import logging
 import secrets
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -35,10 +35,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medvl import RESEARCH_ONLY
-from medvl.data.images import load_image
+from medvl.imaging import Preprocessing, read_image
 from medvl.model.build import VLM
 from medvl.model.generate import Completion, Conversation
 from medvl.serve.batcher import Batcher, QueueFull, Sampling
+from medvl.serve.limits import PromptCounter
 
 log = logging.getLogger("medvl.serve")
 
@@ -58,15 +59,26 @@ class ServeSettings:
     max_tokens: int = 1024  # the most a request may ask for
     max_batch_size: int = 16
     max_queue: int = 64
+    # Seconds to wait for the next piece of a request body before answering 408: a client that
+    # stalls half-way would otherwise hold its connection and partial body for ever.
+    body_timeout_s: float = 30.0
     # Operator allow-lists; both empty by default, so no request can make the server fetch or read.
     allow_url_prefixes: tuple[str, ...] = ()
     allow_dirs: tuple[Path, ...] = ()
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
 
     @property
     def type(self) -> str:
@@ -142,10 +154,11 @@ def create_app(vlm: VLM, settings: ServeSettings) -> FastAPI:
 
     app = FastAPI(title="medvl", description=RESEARCH_ONLY, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.batcher = batcher
+    app.add_middleware(BodyTimeout, seconds=settings.body_timeout_s)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -179,7 +192,7 @@ def create_app(vlm: VLM, settings: ServeSettings) -> FastAPI:
                 "model",
                 "model_not_found",
             )
-        conversation = await _conversation(req, settings, image_size)
+        conversation = await _conversation(req, settings, image_size, vlm.preprocessing)
         prompt_tokens = await run_in_threadpool(counter.count, conversation)
         sampling = _sampling(req, prompt_tokens, counter.context, settings)
         try:
@@ -205,14 +218,55 @@ def create_app(vlm: VLM, settings: ServeSettings) -> FastAPI:
     return app
 
 
+class BodyTimeout:
+    """ASGI middleware: a request body that stops arriving for `seconds` ends the request with 408
+    (and the connection with it). uvicorn times idle keep-alive connections, not a body stalled
+    half-way. Only the waits for body pieces are timed: once the body is complete, `receive` is passed
+    through untimed, since a streaming response waits on it for a disconnect as long as it streams."""
+
+    def __init__(self, app, seconds: float) -> None:
+        self.app, self.seconds = app, seconds
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        body_done = False
+
+        async def timed_receive() -> dict:
+            nonlocal body_done
+            if body_done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.seconds)
+            except TimeoutError:
+                # Raised inside the endpoint's body read, so the app answers it like any APIError.
+                raise APIError(
+                    408,
+                    f"the request body stopped arriving (nothing for {self.seconds:g} s)",
+                    code="request_timeout",
+                    headers={"Connection": "close"},
+                ) from None
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, timed_receive, send)
+
+
 def _check_key(request: Request, settings: ServeSettings) -> None:
     if settings.api_key is None:
         return
-    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-    if not secrets.compare_digest(given.encode(), settings.api_key.encode()):
-        raise APIError(
-            401, "missing or incorrect API key (send 'Authorization: Bearer <key>')", code="invalid_api_key"
-        )
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if not header:
+        problem = "missing API key: send the header 'Authorization: Bearer <key>'"
+    elif scheme.lower() != "bearer":
+        problem = "the Authorization header must read 'Bearer <key>'"
+    elif not secrets.compare_digest(given.strip().encode(), settings.api_key.encode()):
+        problem = "incorrect API key"
+    else:
+        return
+    raise APIError(401, problem, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -249,7 +303,9 @@ def _parse(body: bytes) -> ChatRequest:
         raise APIError(400, f"{param}: {err['msg']}", param, "invalid_value") from None
 
 
-async def _conversation(req: ChatRequest, settings: ServeSettings, image_size: int) -> Conversation:
+async def _conversation(
+    req: ChatRequest, settings: ServeSettings, image_size: int, preprocessing: Preprocessing
+) -> Conversation:
     """The request's messages in the transformers shape, with its images decoded (off the event loop)."""
     if req.messages[-1].role != "user":
         raise APIError(
@@ -278,11 +334,13 @@ async def _conversation(req: ChatRequest, settings: ServeSettings, image_size: i
         raise APIError(
             400, f"{len(urls)} images, above the limit of {settings.max_images} per request", "messages"
         )
-    images = [await _image(url, param, settings, image_size) for param, url in urls]
+    images = [await _image(url, param, settings, image_size, preprocessing) for param, url in urls]
     return Conversation(messages, images)
 
 
-async def _image(url: str, param: str, settings: ServeSettings, size: int) -> Image.Image:
+async def _image(
+    url: str, param: str, settings: ServeSettings, size: int, preprocessing: Preprocessing
+) -> Image.Image:
     if url.startswith("data:"):
         data = _data_url_bytes(url, param, settings.max_image_bytes)
     elif url.startswith(("http://", "https://")):
@@ -295,7 +353,13 @@ async def _image(url: str, param: str, settings: ServeSettings, size: int) -> Im
         )
     try:
         return await run_in_threadpool(
-            load_image, data, settings.max_image_pixels, settings.max_image_bytes, ("PNG", "JPEG"), size
+            read_image,
+            data,
+            preprocessing,
+            size=size,
+            max_pixels=settings.max_image_pixels,
+            max_bytes=settings.max_image_bytes,
+            formats=("PNG", "JPEG"),
         )
     except ValueError as e:
         raise APIError(400, f"{param}: {e}", param, "invalid_image") from None
@@ -401,23 +465,6 @@ def _read_allowed_file(url: str, param: str, settings: ServeSettings) -> bytes:
             413, f"image is above the {settings.max_image_bytes}-byte limit", param, "image_too_large"
         )
     return path.read_bytes()
-
-
-class PromptCounter:
-    """Prompt length before queueing, to refuse over-long requests with a 400. Uses its own copy of
-    the tokenizer under a lock: the worker's tokenizer changes its padding state while it runs."""
-
-    def __init__(self, vlm: VLM) -> None:
-        self.processor = copy.deepcopy(vlm.processor)
-        self.image_tokens = vlm.model.config.image_seq_length
-        self.context = vlm.model.config.text_config.max_position_embeddings
-        self._lock = threading.Lock()
-
-    def count(self, conversation: Conversation) -> int:
-        with self._lock:
-            prompt = self.processor.apply_chat_template(conversation.messages, add_generation_prompt=True)
-            n = len(self.processor.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        return n + len(conversation.images) * (self.image_tokens - 1)  # each <image> expands
 
 
 def _sampling(req: ChatRequest, prompt_tokens: int, context: int, settings: ServeSettings) -> Sampling:

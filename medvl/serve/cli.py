@@ -21,6 +21,9 @@ def serve(
     max_image_mb: float = typer.Option(16.0, help="Largest image, in MiB (413 above)."),
     max_image_pixels: int = typer.Option(40_000_000, help="Largest image in pixels (decompression bombs)."),
     max_images: int = typer.Option(4, help="Most images in one request."),
+    body_timeout: float = typer.Option(
+        30.0, min=0.1, help="Seconds to wait for the next piece of a request body (408 after)."
+    ),
     allow_url: list[str] = typer.Option(
         [], help="URL prefix images may be fetched from (repeatable; default: none, data: URLs only)."
     ),
@@ -45,6 +48,7 @@ def serve(
         max_tokens=max_tokens,
         max_batch_size=max_batch_size,
         max_queue=max_queue,
+        body_timeout_s=body_timeout,
         allow_url_prefixes=tuple(allow_url),
         allow_dirs=tuple(allow_dir),
     )

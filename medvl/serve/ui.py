@@ -15,11 +15,11 @@ import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from medvl import RESEARCH_ONLY  # noqa: E402
-from medvl.data.images import load_image  # noqa: E402
+from medvl.imaging import read_image  # noqa: E402
 from medvl.model.build import VLM  # noqa: E402
 from medvl.model.generate import Conversation  # noqa: E402
-from medvl.serve.api import PromptCounter  # noqa: E402
 from medvl.serve.batcher import Batcher, QueueFull, Sampling  # noqa: E402
+from medvl.serve.limits import PromptCounter  # noqa: E402
 
 # System fonts only: the default theme would ask Google Fonts, which an offline hospital network
 # (and the test machine) cannot reach.
@@ -34,7 +34,7 @@ def build(vlm: VLM, batcher: Batcher, max_new_tokens: int = 256) -> gr.Blocks:
         if path is None:
             return None, None, []
         try:
-            image = load_image(path, size=vlm.model.config.vision_config.image_size)
+            image = read_image(path, vlm.preprocessing, size=vlm.model.config.vision_config.image_size)
         except ValueError as e:
             raise gr.Error(str(e)) from None
         return image, image, []
