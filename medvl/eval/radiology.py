@@ -103,7 +103,8 @@ def clean_report(text: str) -> str:
     2. runs of underscores (MIMIC-CXR's de-identification blanks "___") become one "_" (removed in 6);
     3. runs of dots ("..") become one dot;
     4. list numbering, a digit 1-9 followed by ". " at the start or after a space ("1. ", " 2. "),
-       becomes a sentence break (R2Gen handles 1-5; decimals such as "1.5" have no space and stay);
+       becomes a sentence break (R2Gen handles 1-5; a decimal such as "1.5" has no space and is not
+       touched here, rule 6 then makes it "15" as in R2Gen);
     5. the text is split into sentences at ". " (and a final ".");
     6. in each sentence the characters " / \\ ' are deleted, and so are . , ? ; * ! % ^ & _ + ( ) : - [ ] { }
        and < = > @ (R2Gen's regex class `[.,?;*!%^&_+():-\\[\\]{}]` holds the range ":-[", which
@@ -265,7 +266,7 @@ def load_iu_xray(path: Path, *, max_images: int = DEFAULT_MAX_IMAGES, **_) -> Re
 # ---------------------------------------------------------------- MIMIC-CXR
 
 
-MIMIC_SECTIONED = "mimic_cxr_sectioned.csv"
+MIMIC_SECTIONED = ("mimic_cxr_sectioned.csv", "mimic_cxr_sectioned.csv.gz")
 MIMIC_SPLIT = ("mimic-cxr-2.0.0-split.csv.gz", "mimic-cxr-2.0.0-split.csv")
 
 
@@ -293,15 +294,17 @@ def _mimic_study_folders(root: Path) -> dict[str, Path]:
 
 def load_mimic_cxr(path: Path, *, max_images: int = DEFAULT_MAX_IMAGES, **_) -> ReportSet:
     """MIMIC-CXR (Johnson et al. 2019, PhysioNet, credentialed access): the sectioned reports
-    `mimic_cxr_sectioned.csv` that the MIMIC-CXR repository's `create_section_files.py` writes
-    (columns `study` = "s50414267", `findings`, `impression`), and MIMIC-CXR-JPG's images.
+    `mimic_cxr_sectioned.csv` (or .csv.gz) that the MIMIC-CXR repository's `create_section_files.py`
+    writes (columns `study` = "s50414267", `findings`, `impression`), and MIMIC-CXR-JPG's images.
     `path`: that CSV, or the folder holding it. Images: the study folder `sSTUDY/` found under
     `files/` beside the CSV (MIMIC-CXR-JPG's `files/pXX/pSUBJECT/sSTUDY/*.jpg`), else under the CSV's
     folder itself (that layout, or flat `sSTUDY/` folders); the study's images in name order, at most
     `max_images`. Split: `mimic-cxr-2.0.0-split.csv(.gz)` beside the CSV (train/validate/test by
     study), else R2Gen's `annotation.json` (by `study_id`), else every report is "test"."""
     path = Path(path)
-    csv_path = path / MIMIC_SECTIONED if path.is_dir() else path
+    csv_path = path
+    if path.is_dir():
+        csv_path = next((path / n for n in MIMIC_SECTIONED if (path / n).exists()), path / MIMIC_SECTIONED[0])
     if not csv_path.exists():
         raise BenchmarkError(f"{csv_path}: MIMIC-CXR sectioned reports CSV not found")
     _need_columns(csv_path, ("study", "findings", "impression"))
