@@ -38,8 +38,9 @@ import SimpleITK as sitk
 from PIL import Image
 
 from medvl.curate.card import load_card
-from medvl.curate.images import ct_window, encode_png, to_display
+from medvl.curate.images import encode_png
 from medvl.curate.pipeline import curate
+from medvl.imaging import ct_window, to_display
 from medvl.synth.volumes import write_phantoms
 
 REPO = Path(__file__).resolve().parents[1]

@@ -77,6 +77,12 @@ CURATED_COLUMNS: tuple[Column, ...] = (
         "string",
         "JSON object: spacing, CT window, axis, frame time, allow-listed technical DICOM tags.",
     ),
+    Column(
+        "preprocessing",
+        "string",
+        "JSON `medvl.imaging.Preprocessing` the source file was rendered with (CT window policy, "
+        "percentiles, max side); a model trained on the record is served with the same.",
+    ),
 )
 
 

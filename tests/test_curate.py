@@ -39,7 +39,7 @@ def records(out: Path, image: bool = True) -> list[dict]:
 
 
 def quarantine(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
+    return jsonl(out / "quarantine.jsonl")
 
 
 def write_card(folder: Path, **fields) -> Path:
@@ -56,11 +56,22 @@ def write_card(folder: Path, **fields) -> Path:
     return path
 
 
-def assert_balanced(report: dict) -> None:
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def assert_balanced(report: dict, out: Path) -> None:
+    """The counts add up, overall and per source, and agree with what the output files hold."""
     c = report["counts"]
-    assert c["read"] == c["kept"] + c["quarantined"] + c["duplicates"]
+    assert c["read"] == c["kept"] + c["quarantined"] + sum(c["dropped"].values())
+    for k in ("items", "read", "kept", "quarantined"):
+        assert c[k] == sum(s[k] for s in report["by_source"].values())
     for s in report["by_source"].values():
-        assert s.get("read", 0) == s.get("kept", 0) + s.get("quarantined", 0) + s.get("duplicates", 0)
+        assert s["read"] == s["kept"] + s["quarantined"] + sum(s["dropped"].values()) >= s["items"]
+    assert c["kept"] == len(records(out, image=False))
+    assert c["quarantined"] == len(quarantine(out))
+    dropped = jsonl(out / "dropped.jsonl")
+    assert len(dropped) == sum(c["dropped"].values()) and all(d["reason"] and d["source"] for d in dropped)
 
 
 @pytest.fixture(scope="module")
@@ -108,12 +119,10 @@ def test_slake_end_to_end(tmp_path, monkeypatch):
     card = load_card(CARDS / "slake.yaml")
     out = tmp_path / "slake"
     report = curate([card], out, workers=2, shard_records=256)
-    assert_balanced(report)
+    assert_balanced(report, out)
     images = sorted(SLAKE.glob("imgs/*/source.jpg"))
     recs = {r["file"]: r for r in records(out, image=False)}
-    dropped = {
-        d["id"] for d in map(json.loads, (out / "duplicates.jsonl").read_text().splitlines()) if d["drop"]
-    }
+    dropped = {d["id"] for d in jsonl(out / "dropped.jsonl") if d["reason"] == "duplicate"}
     # Every image is a record (or an exact duplicate of one), with modality, region and department.
     assert report["counts"]["read"] == len(images) and report["counts"]["quarantined"] == 0
     assert len(recs) + len(dropped) == len(images)
@@ -164,7 +173,7 @@ def test_synthetic_3d_slices_boxes_and_windows(synth_card, phantoms, tmp_path):
 
     out = tmp_path / "s3d"
     report = curate([synth_card], out, workers=1)
-    assert_balanced(report)
+    assert_balanced(report, out)
     recs = records(out)
     assert {r["file"] for r in recs} == {
         p.relative_to(phantoms).as_posix() for p in phantoms.glob("*/case????.nii.gz")
@@ -203,19 +212,23 @@ def test_resume_after_kill_matches_a_clean_run(synth_card, tmp_path):
     assert not list(out.rglob("*.tmp"))
 
 
-def test_resume_after_sigkill_of_the_cli(tmp_path):
-    """`medvl curate` is SIGKILLed (with its worker processes) once a shard is committed; re-running
-    completes the job and the result equals a clean run's."""
+def write_xray(src: Path, n: int) -> Path:
+    """n small X-ray-like JPEGs in two class folders, and their card."""
     rng = np.random.default_rng(5)
-    src = tmp_path / "xray"
     for c in ("normal", "pneumonia"):
         (src / c).mkdir(parents=True)
-    n = 300
     for i in range(n):
         small = rng.random((12, 12)) * 255
         img = np.asarray(Image.fromarray(small.astype(np.uint8)).resize((160, 160), Image.BILINEAR))
         Image.fromarray(img).save(src / ("normal", "pneumonia")[i % 2] / f"{i:04d}.jpg", quality=90)
-    card = write_card(src, name="xray", adapter="folder", modality="X-ray", department="Pulmonary Medicine")
+    return write_card(src, name="xray", adapter="folder", modality="X-ray", department="Pulmonary Medicine")
+
+
+def test_resume_after_sigkill_of_the_cli(tmp_path):
+    """`medvl curate` is SIGKILLed (with its worker processes) once a shard is committed; re-running
+    completes the job and the result equals a clean run's, byte for byte."""
+    n = 300
+    card = write_xray(tmp_path / "xray", n)
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "medvl.cli", "curate", "--card", str(card), "--out", str(out)]
     proc = subprocess.Popen(
@@ -232,23 +245,29 @@ def test_resume_after_sigkill_of_the_cli(tmp_path):
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     assert not (out / "report.json").exists()
-    committed = {
-        tuple(k) for p in (out / "parts").glob("part-*.json") for k in json.loads(p.read_text())["items"]
-    }
+    committed = {k for p in (out / "parts").glob("part-*.json") for k in json.loads(p.read_text())["items"]}
     assert 0 < len(committed) < n  # killed mid-run, after at least one commit
 
     resumed = curate([load_card(card)], out, workers=1, shard_records=10)
     clean = curate([load_card(card)], tmp_path / "clean", workers=2, shard_records=10)
     assert resumed["counts"] == clean["counts"] and resumed["counts"]["items"] == n
-    assert_balanced(resumed)
-    key = lambda r: (r["id"], r["sha256"], r["duplicate_of"])  # noqa: E731
-    got = sorted(map(key, records(out, image=False)))
-    assert got == sorted(map(key, records(tmp_path / "clean", image=False)))
-    assert len({r[0] for r in got}) == len(got)  # no record twice
-    items = [
-        tuple(k) for p in (out / "parts").glob("part-*.json") for k in json.loads(p.read_text())["items"]
-    ]
+    assert_balanced(resumed, out)
+    committed = lambda o: {  # noqa: E731
+        p.relative_to(o): p.read_bytes() for d in ("data", "parts") for p in (o / d).iterdir()
+    }
+    assert committed(out) == committed(tmp_path / "clean")
+    items = [k for p in (out / "parts").glob("part-*.json") for k in json.loads(p.read_text())["items"]]
     assert len(items) == len(set(items)) == n  # every item committed exactly once
+
+
+def test_workers_end_when_the_cli_is_killed(tmp_path):
+    """kill -9 of `medvl curate --workers 2` alone (not its process group): its workers end too."""
+    from test_jobs import assert_children_die_with
+
+    card = write_xray(tmp_path / "xray", 300)
+    cmd = [sys.executable, "-m", "medvl.cli", "curate", "--card", str(card), "--out", str(tmp_path / "o")]
+    proc = subprocess.Popen([*cmd, "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert_children_die_with(proc, 2)
 
 
 @pytest.mark.slow  # starting Ray takes ~20 s here
@@ -348,13 +367,13 @@ def test_faults_are_quarantined_and_duplicates_counted(tmp_path):
     out = tmp_path / "out"
     cards = [load_card(card), load_card(seg_card), load_card(coco_card)]
     report = curate(cards, out, workers=2)
-    assert_balanced(report)
+    assert_balanced(report, out)
     q = {(e["source"], Path(e["file"]).name): e for e in quarantine(out)}
     expect = {
         ("derm", "corrupt.png"): "not a readable image",
         ("derm", "empty.png"): "empty file",
         ("derm", "truncated.jpg"): "truncated",
-        ("derm", "bomb.png"): "exceeds max_pixels",
+        ("derm", "bomb.png"): "pixel limit",
         ("derm", "sliver.png"): "degenerate",
         ("seg", "b.png"): "mask is",
         ("coco", "y.png"): "outside",
@@ -362,7 +381,7 @@ def test_faults_are_quarantined_and_duplicates_counted(tmp_path):
     assert set(q) == set(expect)
     for k, words in expect.items():
         assert words in q[k]["problem"] and q[k]["field"]
-    dups = [json.loads(line) for line in (out / "duplicates.jsonl").read_text().splitlines()]
+    dups = [d for d in jsonl(out / "dropped.jsonl") if d["reason"] == "duplicate"]
     # Items run in sorted order, so melanoma/exact_copy.png is the first of the family and is kept.
     first = "derm/melanoma/exact_copy.png"
     assert {(d["id"], d["kind"], d["of"]) for d in dups} == {
@@ -371,7 +390,11 @@ def test_faults_are_quarantined_and_duplicates_counted(tmp_path):
         ("derm/nevus/whole.jpg", "near", first),
     }
     kept = {r["id"]: r for r in records(out)}
-    assert report["counts"]["duplicates"] == len(dups) and first in kept and "derm/nevus/other.png" in kept
+    assert (
+        report["counts"]["dropped"]["duplicate"] == len(dups)
+        and first in kept
+        and "derm/nevus/other.png" in kept
+    )
     # Mask -> one box per connected component per label.
     a = kept["seg/images/a.png"]
     assert sorted((b["label"], b["x_min"], b["y_min"], b["x_max"], b["y_max"]) for b in a["boxes"]) == [
@@ -421,7 +444,7 @@ def test_pascal_voc(tmp_path):
     )
     out = tmp_path / "out"
     report = curate([load_card(card)], out, workers=1)
-    assert_balanced(report)
+    assert_balanced(report, out)
     (rec,) = records(out)
     assert rec["id"] == "voc/JPEGImages/ok.png" and rec["labels"] == ["polyp"]
     assert json.loads(rec["meta"]) == {"annotation": "Annotations/ok.xml"}
@@ -467,7 +490,7 @@ def test_label_tables_csv_and_json(tmp_path):
     )
     out = tmp_path / "out"
     report = curate([load_card(csv_card), load_card(json_card)], out, workers=1)
-    assert_balanced(report)
+    assert_balanced(report, out)
     got = {r["id"]: r["labels"] for r in records(out, image=False)}
     assert got == {
         "fundus-csv/img/0.png": ["glaucoma"],
@@ -571,7 +594,8 @@ def write_ct_series(
 def test_dicom_series_with_label_volume(tmp_path, capfd):
     import SimpleITK as sitk
 
-    from medvl.synth.phantom import LABELS, make_phantom, window_named
+    from medvl.imaging import ct_window
+    from medvl.synth.phantom import LABELS, make_phantom
 
     rng = np.random.default_rng(3)
     p = make_phantom("abdomen", (10, 48, 40), rng, lesion=True)
@@ -607,7 +631,7 @@ def test_dicom_series_with_label_volume(tmp_path, capfd):
     )
     out = tmp_path / "out"
     report = curate([load_card(card)], out, workers=1)
-    assert_balanced(report)
+    assert_balanced(report, out)
     recs = sorted(records(out), key=lambda r: r["index"])
     q = {e["file"]: e for e in quarantine(out)}
     assert set(q) == {"abd/case02_seg.nii.gz", "abd/case03"} and len(recs) == report["counts"]["kept"]
@@ -629,7 +653,7 @@ def test_dicom_series_with_label_volume(tmp_path, capfd):
         assert (r["height"], r["width"]) == (96, 40)
         img = np.asarray(Image.open(io.BytesIO(r["image"]["bytes"]))).astype(float)
         # Slice k is phantom slice k, upright and not mirrored (rescale applied, file order ignored).
-        want = window_named(hu[k], "abdomen").astype(float)
+        want = ct_window(hu[k], "abdomen").astype(float)
         assert np.abs(img[::2] - want).mean() < 4
         # Boxes: per label, their union is the label's extent in slice k, rows scaled by 2 (nearest).
         assert set(r["labels"]) == {names[int(v)] for v in np.unique(lab[k]) if v}
@@ -683,7 +707,7 @@ def test_shipped_dicom_and_nifti_samples(tmp_path):
     ]
     out = tmp_path / "samples"
     report = curate(cards, out, workers=2)
-    assert_balanced(report)
+    assert_balanced(report, out)
     for name, s in report["by_source"].items():
         assert s["kept"] > 0, name
     q = {e["file"]: e for e in quarantine(out)}
@@ -693,7 +717,7 @@ def test_shipped_dicom_and_nifti_samples(tmp_path):
     assert {"CT", "MR", "Ultrasound"} <= {r["modality"] for r in kept}
     assert all(r["id"].startswith(r["source"] + "/" + r["file"]) for r in kept)
     # The same image shipped in several transfer syntaxes is caught as an exact duplicate.
-    assert report["counts"]["duplicates"] > 0
+    assert report["counts"]["dropped"]["duplicate"] > 0
 
 
 # ---------------------------------------------------------------- video
@@ -762,7 +786,7 @@ def test_video_frames_at_rate(tmp_path):
     )
     out = tmp_path / "out"
     report = curate([load_card(card)], out, workers=1)
-    assert_balanced(report)
+    assert_balanced(report, out)
     by_clip: dict[str, list] = {}
     for r in records(out):
         by_clip.setdefault(r["file"], []).append(r)

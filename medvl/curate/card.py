@@ -10,27 +10,15 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from medvl.imaging import CT_WINDOWS, MAX_PIXELS
+from medvl.records import Strict
 from medvl.vocab import BODY_REGIONS, CLINICAL_TASKS, ORIGINAL_TASKS, check_department, normalize_modality
-
-from .images import CT_WINDOWS, DEFAULT_MAX_PIXELS
 
 
 class CardError(ValueError):
     pass
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class Dedup(Strict):
@@ -61,7 +49,7 @@ class Card(Strict):
     label_names: dict[int, str] = {}  # mask / label-volume value -> label
     ct_window: str = "auto"  # "auto" picks the window by body region (images.WINDOW_BY_REGION)
     max_side: int = Field(1024, ge=16)
-    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+    max_pixels: int = Field(MAX_PIXELS, ge=1)
     dedup: Dedup = Dedup()
     options: dict = {}  # adapter-specific, checked against the adapter's own model
 

@@ -30,9 +30,11 @@ def curate(
     report and a dataset card."""
     from rich.progress import Progress
 
+    from medvl.jobs import ENGINES
+
     from .card import CardError, load_card
-    from .pipeline import ENGINES
     from .pipeline import curate as run
+    from .report import counts_line
 
     if engine not in ENGINES:
         raise typer.BadParameter(f"--engine must be one of {', '.join(ENGINES)}")
@@ -51,10 +53,8 @@ def curate(
             shard_records=shard_records,
             on_progress=lambda n, total: bar.update(task, completed=n, total=total),
         )
-    c = report["counts"]
     typer.echo(
-        f"read {c['read']} = kept {c['kept']} + quarantined {c['quarantined']} "
-        f"+ duplicates {c['duplicates']} "
-        f"(flagged near duplicates kept: {c['flagged']}); items {c['items']}.\n"
-        f"records: {out}/data/*.parquet  report: {out}/quarantine.jsonl  card: {out}/dataset_card.md"
+        counts_line(report["counts"])
+        + f"\nrecords: {out}/data/*.parquet  quarantine: {out}/quarantine.jsonl  "
+        f"dropped: {out}/dropped.jsonl  card: {out}/dataset_card.md"
     )

@@ -1,72 +1,68 @@
-"""The curation job: list items from every card, load them in parallel (processes, or Ray for a
-cluster), map them onto the vocabularies, drop/flag duplicates, and commit Parquet shards atomically.
+"""The curation job on `medvl.jobs`: list the items of every card; in the workers, load each item with
+its card's adapter and map its images onto the record schema (vocabularies, provenance, hashes); in the
+driver, drop or flag duplicates against the records kept so far. The runner commits Parquet parts, so a
+killed run resumes and a finished one re-runs as a no-op; items run in a fixed order, so the output does
+not depend on the number of workers.
 
-Commit unit = a *part*: `data/part-NNNNN.parquet` (the kept records, absent when there are none) and
-then `parts/part-NNNNN.json` (which items it covers, what was quarantined, which duplicates were
-dropped). A part counts only once its JSON exists, so a killed run resumes from the last committed part
-and a finished run re-runs as a no-op. Items are consumed in a fixed order and duplicates are decided
-against the records already kept, so the output does not depend on the number of workers.
-
-Counting unit: a candidate record (one 2D image, slice or frame). An item that fails before it can be
-split (unreadable file, missing mask) counts as one. read = kept + quarantined + duplicates.
+Counting unit: a candidate record (one 2D image, slice or frame); an item that fails before it can be
+split (unreadable file, missing mask) counts as one. read = kept + quarantined + dropped.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
+from medvl.errors import InputError
+from medvl.jobs import DriverStep, Drop, Flag, Outcome, Quarantine, Step, run
+from medvl.records import CURATED_COLUMNS, curated_schema
 from medvl.vocab import BODY_REGIONS, CLINICAL_TASKS, normalize_modality
 
-from .adapters import ADAPTERS, Sample
+from .adapters import ADAPTERS, SourceImage, card_preprocessing
 from .card import Card
-from .images import CurationError, content_hash, encode_png, perceptual_hash
+from .images import content_hash, encode_png, perceptual_hash
+from .report import finalize
 
 SHARD_RECORDS = 1000
 # PNG bytes do not compress further; zstd is kept for the other columns.
-COMPRESSION = {c: "zstd" for c in ("id", "labels", "boxes", "mask_boxes", "meta", "file", "sha256", "phash")}
+COMPRESSION = {c.name: "none" if c.name == "image" else "zstd" for c in CURATED_COLUMNS}
 
 
 # ---------------------------------------------------------------- worker side
 
 
-def build_record(card: Card, s: Sample) -> dict:
+def build_record(card: Card, s: SourceImage) -> dict:
     """Validate a sample and map it onto the record schema (vocabularies, provenance, hashes)."""
     px = s.pixels
     if px.dtype != np.uint8 or px.ndim not in (2, 3) or (px.ndim == 3 and px.shape[2] != 3):
-        raise CurationError(s.file, "image", f"wrongly shaped image: {px.dtype} array of shape {px.shape}")
+        raise InputError(s.file, "image", f"wrongly shaped image: {px.dtype} array of shape {px.shape}")
     h, w = px.shape[:2]
     if min(h, w) < 2:
-        raise CurationError(s.file, "image", f"degenerate {w}x{h} image")
+        raise InputError(s.file, "image", f"degenerate {w}x{h} image")
     relabel = card.label_map.get
     boxes = [{**b, "label": relabel(b["label"], b["label"])} for b in s.boxes]
     for b in boxes:
         if not (0 <= b["x_min"] < b["x_max"] <= w and 0 <= b["y_min"] < b["y_max"] <= h):
             coords = [round(b[k], 1) for k in ("x_min", "y_min", "x_max", "y_max")]
-            raise CurationError(
-                s.file, "boxes", f"box {b['label']!r} {coords} lies outside the {w}x{h} image"
-            )
+            raise InputError(s.file, "boxes", f"box {b['label']!r} {coords} lies outside the {w}x{h} image")
     labels = list(dict.fromkeys(relabel(x, x) for x in s.labels))
     raw_mod = s.modality or card.modality or ""
     try:
         modality = card.modality_map.get(raw_mod) or normalize_modality(raw_mod)
     except ValueError as e:
-        raise CurationError(s.file, "modality", str(e)) from None
+        raise InputError(s.file, "modality", str(e)) from None
     raw_region = s.body_region or card.body_region
     region = card.body_region_map.get(raw_region, raw_region) if raw_region else ""
     if region and region not in BODY_REGIONS:
-        raise CurationError(
+        raise InputError(
             s.file, "body_region", f"{raw_region!r} is not mapped onto BODY_REGIONS (body_region_map)"
         )
     department = card.department_by_region.get(region) or card.department
     if department is None:
-        raise CurationError(
+        raise InputError(
             s.file, "department", f"no department for body region {region!r} (department_by_region)"
         )
     tasks = {card.clinical_task_by_label[x] for x in labels if x in card.clinical_task_by_label}
@@ -94,90 +90,8 @@ def build_record(card: Card, s: Sample) -> dict:
         "phash": f"{perceptual_hash(px):016x}",
         "duplicate_of": None,
         "meta": json.dumps(s.meta, sort_keys=True),
+        "preprocessing": card_preprocessing(card).model_dump_json(),
     }
-
-
-def process_item(cards: list[Card], task: tuple[int, dict]) -> dict:
-    """Load one item into records; bad input becomes quarantine entries, never an exception."""
-    ci, item = task
-    card = cards[ci]
-    adapter = ADAPTERS[card.adapter]
-    out = {"key": [card.name, item["id"]], "records": [], "quarantined": [], "read": 0}
-    try:
-        for s in adapter.load(card, card.opts(), card.root_dir(), item):
-            out["read"] += 1
-            try:
-                out["records"].append(build_record(card, s))
-            except CurationError as e:
-                out["quarantined"].append(_q(card, e, s.index))
-    except CurationError as e:
-        out["read"] += 1
-        out["quarantined"].append(_q(card, e, None))
-    except Exception as e:  # an adapter bug or an unforeseen format problem still must not stop the run
-        out["read"] += 1
-        out["quarantined"].append(
-            {
-                "source": card.name,
-                "item": item["id"],
-                "file": item["id"],
-                "field": "item",
-                "problem": f"unexpected {type(e).__name__}: {str(e)[:300]}",
-                "index": None,
-            }
-        )
-    return out
-
-
-def _q(card: Card, e: CurationError, index: int | None) -> dict:
-    return {"source": card.name, "file": e.file, "field": e.field, "problem": e.problem, "index": index}
-
-
-_CARDS: list[Card] = []
-
-
-def _init(cards: list[Card]) -> None:
-    global _CARDS
-    _CARDS = cards
-
-
-def _work(task: tuple[int, dict]) -> dict:
-    return process_item(_CARDS, task)
-
-
-def run_local(cards: list[Card], tasks: list, workers: int) -> Iterator[dict]:
-    if workers <= 1:
-        yield from (process_item(cards, t) for t in tasks)
-        return
-    # Small chunks keep every worker busy while the results still arrive in order.
-    with ProcessPoolExecutor(workers, initializer=_init, initargs=(cards,)) as pool:
-        yield from pool.map(_work, tasks, chunksize=max(1, min(16, len(tasks) // (workers * 8) or 1)))
-
-
-def run_ray(cards: list[Card], tasks: list, workers: int) -> Iterator[dict]:
-    """The same items through `ray.data`. `ray.init()` honours RAY_ADDRESS, so pointing it at a cluster
-    is `RAY_ADDRESS=ray://head:10001` (source paths must be readable from every node); otherwise a
-    local Ray instance with `workers` CPUs is started."""
-    import pickle
-
-    import ray
-
-    if not ray.is_initialized():
-        local = not os.environ.get("RAY_ADDRESS")
-        ray.init(
-            num_cpus=workers if local else None,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # deduplication is decided in item order
-    ds = ray.data.from_items([{"t": pickle.dumps(t)} for t in tasks])
-    ds = ds.map(lambda row: {"r": pickle.dumps(process_item(cards, pickle.loads(row["t"])))})
-    for row in ds.iter_rows():
-        yield pickle.loads(row["r"])
-
-
-ENGINES: dict[str, Callable[[list[Card], list, int], Iterator[dict]]] = {"local": run_local, "ray": run_ray}
 
 
 # ---------------------------------------------------------------- driver side
@@ -211,7 +125,45 @@ class NearIndex:
         return None if best is None else (best[2], best[0])
 
 
-class Deduper:
+class LoadRecords(Step):
+    """Worker side: one card item -> its records; a bad image of a volume or clip is quarantined on its
+    own, a bad item as a whole."""
+
+    name = "curate"
+    compression = COMPRESSION
+
+    def __init__(self, cards: list[Card]):
+        self.cards = {c.name: c for c in cards}
+
+    def schema(self):
+        return curated_schema()
+
+    def config(self) -> list[dict]:
+        return [c.model_dump(mode="json") for c in self.cards.values()]
+
+    def __call__(self, item: dict) -> Iterator[Outcome]:
+        card = self.cards[item["source"]]
+        try:
+            for s in ADAPTERS[card.adapter].load(card, card.opts(), card.root_dir(), item["item"]):
+                try:
+                    yield build_record(card, s)
+                except InputError as e:
+                    yield Quarantine(e, {"index": s.index})
+        except InputError:
+            raise
+        except Exception as e:  # an adapter bug or an unforeseen format problem must not stop the run
+            raise InputError(
+                item["item"]["id"], "item", f"unexpected {type(e).__name__}: {str(e)[:300]}"
+            ) from None
+
+
+class Deduplicate(DriverStep):
+    """Driver side: each record against the records kept before it (cards in the order given, items in
+    order); the card's policy drops the later one (`Drop("duplicate")`) or keeps it with `duplicate_of`
+    set (`Flag("duplicate")`)."""
+
+    columns = ("id", "sha256", "phash", "source", "file")
+
     def __init__(self, cards: list[Card]):
         self.cards = {c.name: c for c in cards}
         self.exact: dict[str, str] = {}
@@ -237,54 +189,26 @@ class Deduper:
                 return {"kind": "near", "of": hit[0], "distance": hit[1], "drop": policy.near == "drop"}
         return None
 
+    def resume(self, rows: Iterable[dict]) -> None:
+        for r in rows:
+            self.keep(r["id"], r["sha256"], r["phash"], f"{r['source']}/{r['file']}")
 
-def _features():
-    import datasets as hf
-
-    box = hf.List(
-        {
-            k: hf.Value("string") if k == "label" else hf.Value("float32")
-            for k in ("label", "x_min", "y_min", "x_max", "y_max")
-        }
-    )
-    s = hf.Value("string")
-    return hf.Features(
-        {
-            "id": s,
-            "image": hf.Image(),
-            "width": hf.Value("int32"),
-            "height": hf.Value("int32"),
-            "modality": s,
-            "body_region": s,
-            "department": s,
-            "original_task": s,
-            "clinical_task": s,
-            "labels": hf.List(s),
-            "boxes": box,
-            "mask_boxes": box,
-            "source": s,
-            "license": s,
-            "file": s,
-            "index": hf.Value("int32"),
-            "index_kind": s,
-            "sha256": s,
-            "phash": s,
-            "duplicate_of": s,
-            "meta": s,
-        }
-    )
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _cards_fingerprint(cards: list[Card]) -> str:
-    return hashlib.sha256(
-        json.dumps([c.model_dump(mode="json") for c in cards], sort_keys=True).encode()
-    ).hexdigest()
+    def __call__(self, item: dict, outcomes: list[Outcome]) -> list[Outcome]:
+        result: list[Outcome] = []
+        for rec in outcomes:
+            if isinstance(rec, dict):
+                key = f"{rec['source']}/{rec['file']}"  # slices of one item are never each other's duplicates
+                dup = self.check(rec, key)
+                if dup is not None:
+                    detail = {"id": rec["id"], **{k: dup[k] for k in ("kind", "of", "distance")}}
+                    if dup["drop"]:
+                        result.append(Drop("duplicate", detail))
+                        continue
+                    rec["duplicate_of"] = dup["of"]
+                    result.append(Flag("duplicate", detail))
+                self.keep(rec["id"], rec["sha256"], rec["phash"], key)
+            result.append(rec)
+        return result
 
 
 def curate(
@@ -297,91 +221,24 @@ def curate(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Run (or resume) the job; returns the report (also written to out/report.json)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     names = [c.name for c in cards]
     if len(set(names)) != len(names):
         raise ValueError(f"two cards share a name: {names}")
-    out = Path(out)
-    (out / "data").mkdir(parents=True, exist_ok=True)
-    (out / "parts").mkdir(exist_ok=True)
-    fp = _cards_fingerprint(cards)
-    run_file = out / "run.json"
-    if run_file.exists() and json.loads(run_file.read_text())["cards"] != fp:
-        raise ValueError(
-            f"{out} was written from different cards; use a new --out (or delete it) to start over"
-        )
-    _atomic_write(run_file, lambda p: p.write_text(json.dumps({"cards": fp, "sources": names}, indent=1)))
-
-    # Resume: leftovers of a killed run (temp files, a shard whose part JSON never landed) are discarded.
-    for p in out.rglob("*.tmp"):
-        p.unlink()
-    parts = sorted((out / "parts").glob("part-*.json"))
-    committed = {p.stem for p in parts}
-    for p in (out / "data").glob("part-*.parquet"):
-        if p.stem not in committed:
-            p.unlink()
-    done: set[tuple[str, str]] = set()
-    for p in parts:
-        done.update(tuple(k) for k in json.loads(p.read_text())["items"])
-    dedup = Deduper(cards)
-    shards = sorted((out / "data").glob("part-*.parquet"))
-    if shards:
-        t = pq.read_table(shards, columns=["id", "sha256", "phash", "source", "file"])
-        for rid, sha, ph, src, f in zip(
-            *(t.column(c).to_pylist() for c in ("id", "sha256", "phash", "source", "file")), strict=True
-        ):
-            dedup.keep(rid, sha, ph, f"{src}/{f}")
-
-    tasks = []
-    for ci, card in enumerate(cards):
-        adapter = ADAPTERS[card.adapter]
-        for item in adapter.items(card, card.opts(), card.root_dir()):
-            if (card.name, item["id"]) not in done:
-                tasks.append((ci, item))
-    tasks = tasks[:limit] if limit is not None else tasks
-    features = _features()
-    schema = features.arrow_schema
-    next_part = 1 + max((int(p.stem.split("-")[1]) for p in parts), default=-1)
-    state = {"items": [], "records": [], "quarantined": [], "duplicates": [], "read": 0, "kept": {}}
-
-    def commit() -> None:
-        nonlocal next_part, state
-        name = f"part-{next_part:05d}"
-        if state["records"]:
-            table = pa.Table.from_pylist(state["records"], schema=schema)
-            _atomic_write(
-                out / "data" / f"{name}.parquet",
-                lambda p: pq.write_table(table, p, row_group_size=256, compression=COMPRESSION),
-            )
-        body = {k: v for k, v in state.items() if k != "records"}
-        body["shard"] = f"data/{name}.parquet" if state["records"] else None
-        _atomic_write(out / "parts" / f"{name}.json", lambda p: p.write_text(json.dumps(body)))
-        next_part += 1
-        state = {"items": [], "records": [], "quarantined": [], "duplicates": [], "read": 0, "kept": {}}
-
-    for n, res in enumerate(ENGINES[engine](cards, tasks, workers), 1):
-        state["items"].append(res["key"])
-        state["read"] += res["read"]
-        state["quarantined"].extend({**q, "item": res["key"][1]} for q in res["quarantined"])
-        for rec in res["records"]:
-            dup = dedup.check(rec, f"{rec['source']}/{rec['file']}")
-            if dup is not None:
-                state["duplicates"].append({"id": rec["id"], "source": rec["source"], **dup})
-                if dup["drop"]:
-                    continue
-                rec["duplicate_of"] = dup["of"]
-            dedup.keep(rec["id"], rec["sha256"], rec["phash"], f"{rec['source']}/{rec['file']}")
-            state["records"].append(rec)
-            state["kept"][rec["source"]] = state["kept"].get(rec["source"], 0) + 1
-        if len(state["records"]) >= shard_records or len(state["items"]) >= 4 * shard_records:
-            commit()
-        if on_progress:
-            on_progress(n, len(tasks))
-    if state["items"]:
-        commit()
-
-    from .report import finalize
-
-    return finalize(out, cards)
+    items = [
+        {"id": f"{card.name}/{it['id']}", "source": card.name, "item": it}
+        for card in cards
+        for it in ADAPTERS[card.adapter].items(card, card.opts(), card.root_dir())
+    ]
+    summary = run(
+        LoadRecords(cards),
+        items,
+        out,
+        driver=Deduplicate(cards),
+        workers=workers,
+        engine=engine,
+        part_rows=shard_records,
+        group_by="source",
+        limit=limit,
+        on_progress=on_progress,
+    )
+    return finalize(Path(out), cards, summary)

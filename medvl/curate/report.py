@@ -1,7 +1,8 @@
-"""End of a run: add up the committed parts, check that the counts balance, write quarantine.jsonl,
-duplicates.jsonl, report.json and dataset_card.md with the four distribution plots of the reference's
-Fig. 3 (original task, modality, department, clinical task) and, where masks came with boxes, the IoU of
-mask-derived boxes against the given ones."""
+"""End of a run: from the job's summary (medvl.jobs adds up and checks the counts, and writes
+quarantine.jsonl, dropped.jsonl and flagged.jsonl) and the records, write report.json and
+dataset_card.md with the four distribution plots of the reference's Fig. 3 (original task, modality,
+department, clinical task) and, where masks came with boxes, the IoU of mask-derived boxes against the
+given ones."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+
+from medvl.jobs import atomic_write
 
 from .card import Card
 from .images import box_iou
@@ -20,12 +23,6 @@ PLOTS = {
     "department": "(c) Department",
     "clinical_task": "(d) Clinical task",
 }
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def mask_box_iou(boxes: list[list[dict]], mask_boxes: list[list[dict]]) -> list[float]:
@@ -53,62 +50,42 @@ def iou_summary(ious: list[float]) -> dict:
     }
 
 
-def finalize(out: Path, cards: list[Card]) -> dict:
+COUNTS = ("items", "read", "kept", "quarantined", "dropped", "flagged")
+
+
+def finalize(out: Path, cards: list[Card], summary: dict) -> dict:
     import pyarrow.parquet as pq
 
-    parts = [json.loads(p.read_text()) for p in sorted((out / "parts").glob("part-*.json"))]
-    per = {c.name: Counter() for c in cards}
-    quarantine, duplicates = [], []
-    for part in parts:
-        for src, n in part["kept"].items():
-            per[src]["kept"] += n
-        for key in part["items"]:
-            per[key[0]]["items"] += 1
-        for q in part["quarantined"]:
-            per[q["source"]]["quarantined"] += 1
-        for d in part["duplicates"]:
-            per[d["source"]]["duplicates" if d["drop"] else "flagged"] += 1
-        quarantine += part["quarantined"]
-        duplicates += part["duplicates"]
-    # `read` is not stored per source; it is checked in total, and per source it is derived.
-    read = sum(p["read"] for p in parts)
-    for c in per.values():
-        c["read"] = c["kept"] + c["quarantined"] + c["duplicates"]
-    total = {
-        k: sum(c[k] for c in per.values())
-        for k in ("items", "read", "kept", "quarantined", "duplicates", "flagged")
-    }
-    if read != total["kept"] + total["quarantined"] + total["duplicates"]:
-        raise RuntimeError(f"counts do not add up in {out}: read {read} != {total}")
-
-    key = lambda e: (e["source"], e.get("file", ""), e.get("index") if e.get("index") is not None else -1)  # noqa: E731
-    _write(
-        out / "quarantine.jsonl",
-        "".join(json.dumps(q, sort_keys=True) + "\n" for q in sorted(quarantine, key=key)),
-    )
-    _write(
-        out / "duplicates.jsonl",
-        "".join(json.dumps(d, sort_keys=True) + "\n" for d in sorted(duplicates, key=lambda d: d["id"])),
-    )
-
-    shards = sorted((out / "data").glob("part-*.parquet"))
-    cols = ["source", "body_region", "boxes", "mask_boxes", "meta", *PLOTS]
+    empty = {"items": 0, "read": 0, "kept": 0, "quarantined": 0, "dropped": {}, "flagged": {}}
+    shards = [out / d for d in summary["data"]]
+    cols = ["body_region", "boxes", "mask_boxes", "meta", *PLOTS]
     t = pq.read_table(shards, columns=cols).to_pydict() if shards else {c: [] for c in cols}
     dists = {c: Counter(t[c]) for c in [*PLOTS, "body_region"]}
     masked = [i for i, m in enumerate(t["meta"]) if '"mask"' in m]
     ious = mask_box_iou([t["boxes"][i] for i in masked], [t["mask_boxes"][i] for i in masked])
     report = {
-        "counts": total,
-        "by_source": {k: dict(v) for k, v in per.items()},
+        "counts": {k: summary[k] for k in COUNTS},
+        "by_source": {c.name: {k: summary["by"].get(c.name, empty)[k] for k in COUNTS} for c in cards},
         "distributions": {k: dict(v.most_common()) for k, v in dists.items()},
         "mask_box_iou": iou_summary(ious),
-        "shards": [s.relative_to(out).as_posix() for s in shards],
+        "shards": summary["data"],
     }
-    _write(out / "report.json", json.dumps(report, indent=1))
+    atomic_write(out / "report.json", lambda p: p.write_text(json.dumps(report, indent=1)))
     (out / "plots").mkdir(exist_ok=True)
     _plots(out / "plots", dists, ious)
-    _write(out / "dataset_card.md", _card_md(cards, report, quarantine))
+    quarantine = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
+    atomic_write(out / "dataset_card.md", lambda p: p.write_text(_card_md(cards, report, quarantine)))
     return report
+
+
+def counts_line(c: dict) -> str:
+    """`read = kept + quarantined + dropped (by reason)`, flags, items: one line for the CLI and the card."""
+    dropped = ", ".join(f"{k} {v}" for k, v in c["dropped"].items()) or "none"
+    flagged = ", ".join(f"{k} {v}" for k, v in c["flagged"].items()) or "none"
+    return (
+        f"read {c['read']} = kept {c['kept']} + quarantined {c['quarantined']} + dropped "
+        f"{sum(c['dropped'].values())} ({dropped}); kept but flagged: {flagged}; items {c['items']}."
+    )
 
 
 def _plots(folder: Path, dists: dict[str, Counter], ious: list[float]) -> None:
@@ -162,18 +139,18 @@ def _card_md(cards: list[Card], report: dict, quarantine: list[dict]) -> str:
         "",
         "## Counts",
         "",
-        f"read {c['read']} = kept {c['kept']} + quarantined {c['quarantined']} + duplicates dropped "
-        f"{c['duplicates']} (items: {c['items']}; near duplicates kept but flagged: {c['flagged']}).",
+        counts_line(c),
         "",
-        "| source | adapter | licence | items | read | kept | quarantined | duplicates | flagged |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| source | adapter | licence | items | read | kept | quarantined | dropped duplicates | "
+        "dropped, no output | duplicates kept, flagged |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for card in cards:
         s = report["by_source"][card.name]
         lines.append(
-            f"| {card.name} | {card.adapter} | {card.license} | {s.get('items', 0)} | {s.get('read', 0)} | "
-            f"{s.get('kept', 0)} | {s.get('quarantined', 0)} | {s.get('duplicates', 0)} | "
-            f"{s.get('flagged', 0)} |"
+            f"| {card.name} | {card.adapter} | {card.license} | {s['items']} | {s['read']} | {s['kept']} | "
+            f"{s['quarantined']} | {s['dropped'].get('duplicate', 0)} | {s['dropped'].get('no output', 0)} | "
+            f"{s['flagged'].get('duplicate', 0)} |"
         )
     lines += ["", "## Distributions (reference Fig. 3)", ""]
     for col, title in PLOTS.items():
