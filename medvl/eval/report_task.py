@@ -411,6 +411,8 @@ def evaluate_reports(
     baseline_rows: list[dict] = []
     if not baselines:
         run["baselines"] = {"not_run": "switched off"}
+    elif split == "train":
+        run["baselines"] = {"not_run": "the evaluated split is the training split"}
     elif not train:
         run["baselines"] = {"not_run": f"no training reports with a {section} section in this report set"}
     else:
