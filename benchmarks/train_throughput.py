@@ -129,7 +129,7 @@ def build_model(size: str, corpus: list[dict], folder: Path, vocab: int) -> None
 def summarise(
     name: str, steps: list[dict], model, peak: float, datasheet: float | None, memory: float
 ) -> dict:
-    from medvl.train.loop import flops_per_step
+    from medvl.train.metrics import flops_per_step
 
     timed = steps[1:]  # the first step warms up kernels and allocators
     # the LM head's FLOPs where it ran: medvl's loop records it, the baseline runs it on every token
@@ -285,7 +285,7 @@ def main() -> None:
     if not (args.slake / "train.json").is_file():
         raise SystemExit(f"{args.slake}: no SLAKE train.json (pass --slake)")
 
-    from medvl.train.loop import measure_matmul_flops
+    from medvl.train.metrics import measure_matmul_flops
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     n = 8192 if args.device == "cuda" else 1024

@@ -31,8 +31,8 @@ def run_quickstart(out: Path, size: str = "default", seed: int = 0, log=print) -
     from medvl.model.tokenizer import train_tokenizer
     from medvl.synth.dataset import read_records
     from medvl.synth.templates import build_quickstart_data
-    from medvl.train.cli import run_stages
     from medvl.train.config import load_config
+    from medvl.train.loop import run_stages
     from medvl.train.pretrain import pretrain_llm, pretrain_vision
 
     sz = SIZES[size]

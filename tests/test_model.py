@@ -127,6 +127,37 @@ def test_batched_generation_matches_one_at_a_time(tiny_model_dir):
     assert all(b.prompt_tokens == s.prompt_tokens for b, s in zip(batched, single))
 
 
+def test_stop_strings_end_each_row_at_its_first_stop(tiny_model_dir):
+    """A row ends at the token that completes a stop string (one spanning a token boundary here), and
+    its text is cut before the stop string; the other rows of the batch go on as without it. Sampled
+    with a seed (greedy text from random weights is the same for every prompt), so the rows differ."""
+    vlm = load(tiny_model_dir)
+    with torch.no_grad():  # a non-degenerate output, as above
+        vlm.model.lm_head.weight.normal_(0, 0.5)
+    convs = [user_turn("Describe the image.", _image(1)), user_turn("What is CT?")]
+    kw = dict(max_new_tokens=16, temperature=1.0, seed=0)
+    free = generate(vlm, convs, **kw)
+    ids, text = free[0].token_ids, free[0].text
+    # a two-character stop string across the boundary between two of row 0's tokens, first there
+    stop = None
+    for i in range(2, len(ids) - 1):
+        b = len(vlm.tokenizer.decode(ids[:i], skip_special_tokens=True))
+        cand = text[b - 1 : b + 1]
+        if len(cand) == 2 and cand.isprintable() and "\ufffd" not in cand and text.index(cand) == b - 1:
+            stop = cand
+            break
+    assert stop is not None, text
+    got = generate(vlm, convs, stop=["@@", stop], **kw)
+    for f, g in zip(free, got, strict=True):
+        if stop not in f.text:
+            assert (g.text, g.token_ids, g.finish_reason) == (f.text, f.token_ids, f.finish_reason)
+            continue
+        n = next(k for k in range(1, len(f.token_ids) + 1) if stop in vlm.tokenizer.decode(f.token_ids[:k]))
+        assert g.token_ids == f.token_ids[:n] and n < len(f.token_ids)  # stopped there, early
+        assert g.text == f.text[: f.text.index(stop)] and g.finish_reason == "stop"
+    assert got[0].finish_reason == "stop"
+
+
 def _save_parts(root: Path, full_clip: bool = False, siglip: bool = False) -> tuple[Path, Path, Path]:
     """Small pretrained-looking parts saved the way hub checkpoints are."""
     torch.manual_seed(0)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,9 +14,11 @@ from PIL import Image
 
 from medvl.data.conversations import Collator, ConversationDataset
 from medvl.data.packing import PackedCollator, balanced_bins, pack_rows, plan_micro_batches
+from medvl.model.attention import register_varlen
 from medvl.model.build import build_preset, load
 from medvl.model.tokenizer import train_tokenizer
-from medvl.train.loop import GlobalBatchSampler, loss_sum, model_inputs
+from medvl.train.loop import loss_sum, model_inputs
+from medvl.train.sampler import GlobalBatchSampler
 
 LINES = [
     f"The {m} shows a {f} in the {r} region."
@@ -124,6 +128,7 @@ def test_packed_batch_equals_unpacked(scale_tiny_model, norm, attn):
     assert int(packed["loss_units"]) == int(unpacked["loss_units"])
 
     loss_u, grads_u = _loss_and_grads(model, unpacked)
+    register_varlen()  # as the training loop does where it selects varlen
     model.set_attn_implementation({"text_config": attn, "vision_config": "sdpa"})
     loss_p, grads_p = _loss_and_grads(model, packed)
     torch.testing.assert_close(loss_p, loss_u, rtol=1e-5, atol=1e-6)
@@ -167,6 +172,7 @@ def test_vision_filler_changes_no_loss_or_gradient(scale_tiny_model, kind):
     assert int((plain["input_ids"] == image_id).sum()) == 0
     assert int((filled["input_ids"] == image_id).sum()) == model.config.image_seq_length
     if kind != "padded":
+        register_varlen()
         model.set_attn_implementation({"text_config": kind, "vision_config": "sdpa"})
     loss_p, grads_p = _loss_and_grads(model, plain)
     loss_f, grads_f = _loss_and_grads(model, filled)
@@ -242,6 +248,26 @@ def test_sampler_is_a_function_of_step():
     ranks = [list(GlobalBatchSampler(40, 8, 2, 2, r, seed=5, total_steps=1, **kw)) for r in range(2)]
     seen = sorted(i for rank in ranks for micro in rank for i, _ in micro)
     assert len(seen) == 8 and len(set(seen)) == 8
+
+
+def test_varlen_is_registered_where_it_is_selected_not_at_import(scale_tiny_model, tmp_path):
+    """Importing medvl registers nothing with transformers; a stage that selects varlen registers it
+    (idempotently) before setting it on the model."""
+    code = f"""
+import medvl.data.packing, medvl.train.loop
+from transformers import AttentionInterface
+assert "varlen" not in AttentionInterface().valid_keys()
+from medvl.model.build import load
+from medvl.train.loop import setup_model
+from medvl.train.config import Freeze
+for _ in range(2):
+    model, _ = setup_model(load({str(scale_tiny_model / "model")!r}), attn="varlen",
+        freeze=Freeze(llm=False, projector=False, vision=False), lora=None, gradient_checkpointing=False,
+        image_size=None, resolution_sizes=[])
+    assert model.config.text_config._attn_implementation == "varlen"
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

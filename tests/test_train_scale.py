@@ -14,7 +14,8 @@ from transformers import LlavaForConditionalGeneration
 from medvl.data.conversations import ConversationDataset
 from medvl.model.build import load
 from medvl.train.config import load_config
-from medvl.train.loop import GlobalBatchSampler, train_stage
+from medvl.train.loop import train_stage
+from medvl.train.sampler import GlobalBatchSampler
 
 
 @pytest.fixture(scope="session")

@@ -124,5 +124,10 @@ def varlen_mask(*, attention_mask: torch.Tensor | None = None, **kwargs) -> torc
     return None if attention_mask is None else sdpa_mask(attention_mask=attention_mask, **kwargs)
 
 
-AttentionInterface.register(NAME, varlen_attention_forward)
-ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, varlen_mask)
+def register_varlen() -> str:
+    """Makes `varlen` an attention implementation transformers knows (`set_attn_implementation`,
+    `attn_implementation=`), with its mask function; returns the name. Called where the implementation
+    is chosen; calling it again changes nothing."""
+    AttentionInterface.register(NAME, varlen_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, varlen_mask)
+    return NAME

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from medvl.model.build import VLM
 
@@ -36,20 +35,6 @@ def user_turn(question: str, image: Image.Image | None = None) -> Conversation:
     content: list[dict] = [{"type": "image"}] if image is not None else []
     content.append({"type": "text", "text": question})
     return Conversation([{"role": "user", "content": content}], [image] if image is not None else [])
-
-
-class _StopOnStrings(StoppingCriteria):
-    """Per-row stop strings, checked on the decoded tail so they work across token boundaries."""
-
-    def __init__(self, tokenizer, stops: list[str], prompt_len: int) -> None:
-        self.tokenizer, self.stops, self.prompt_len = tokenizer, stops, prompt_len
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        done = []
-        for row in input_ids:
-            tail = self.tokenizer.decode(row[self.prompt_len :][-16:], skip_special_tokens=True)
-            done.append(any(s in tail for s in self.stops))
-        return torch.tensor(done, device=input_ids.device)
 
 
 def encode(vlm: VLM, conversations: list[Conversation]) -> dict[str, torch.Tensor]:
@@ -98,7 +83,9 @@ def generate(
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     if stop:
-        kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnStrings(vlm.tokenizer, stop, prompt_len)])
+        # transformers' StopStringCriteria: a row ends once its text ends in a stop string, across token
+        # boundaries; the others go on. The stop string itself is cut from the text below.
+        kwargs.update(stop_strings=stop, tokenizer=vlm.tokenizer)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(vlm.model.dtype)
     out = vlm.model.generate(**inputs, **kwargs)

@@ -29,26 +29,8 @@ def pipeline(
 ) -> None:
     """Chain stages: each starts from the previous stage's final model."""
     from medvl.train.config import load_config
+    from medvl.train.loop import run_stages
 
     # Validate every stage's config before the first one starts.
     cfgs = [load_config(p) for p in configs]
     run_stages(cfgs, model, resume)
-
-
-def run_stages(cfgs, model: Path | None = None, resume: bool = False) -> list[Path]:
-    """Train `cfgs` in order, each from the previous stage's `final/` (the first from `model`, or its
-    own config's). With `resume`, finished stages are skipped and an interrupted one resumes."""
-    from medvl.train.loop import train_stage
-
-    finals = []
-    for cfg in cfgs:
-        if model is not None:
-            cfg.model = model
-        final = cfg.output_dir / "final"
-        if resume and (final / "config.json").exists():
-            typer.echo(f"[{cfg.stage}] already finished: {final}")
-        else:
-            final = train_stage(cfg, resume=resume)
-        finals.append(final)
-        model = final
-    return finals

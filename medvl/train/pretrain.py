@@ -13,7 +13,6 @@ user with real weights takes:
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -22,12 +21,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel
 
 from medvl.data.images import load_image
 from medvl.model.build import PresetSpec, square_image_processor
+from medvl.train.optim import lr_scheduler, make_optimizer
 
-
-def _cosine(step: int, total: int, warmup: int = 20) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+WARMUP_STEPS = 20  # then cosine decay to 0
 
 
 def pretrain_llm(
@@ -62,8 +58,8 @@ def pretrain_llm(
     data = torch.tensor(stream)
     n_rows = len(data) // seq_len
     rows = data[: n_rows * seq_len].view(n_rows, seq_len)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps))
+    opt = make_optimizer(model.parameters(), lr, betas=(0.9, 0.95), weight_decay=0.01)
+    sched = lr_scheduler(opt, "cosine", WARMUP_STEPS, steps)
     g = torch.Generator().manual_seed(seed)
     losses = []
     t0 = time.perf_counter()
@@ -117,8 +113,8 @@ def pretrain_vision(
     images = [load_image(image_root / r["image"], size=cfg.image_size) for r in records]
     pixels = processor(images, return_tensors="pt")["pixel_values"]
     params = list(tower.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps))
+    opt = make_optimizer(params, lr, betas=(0.9, 0.999), weight_decay=0.01)
+    sched = lr_scheduler(opt, "cosine", WARMUP_STEPS, steps)
     g = torch.Generator().manual_seed(seed)
     losses, accs = [], []
     tower.train()
