@@ -1,5 +1,5 @@
-"""Reading training images: medvl's `load_image(path, size=...)` (JPEG decoded at a reduced DCT
-scale, large images box-reduced to no less than twice the model's side) against what LLaVA-style
+"""Reading training images: medvl.imaging's `read_image(path, size=...)` (JPEG decoded at a reduced
+DCT scale, large images box-reduced to no less than twice the model's side) against what LLaVA-style
 datasets do (`Image.open(path).convert("RGB")`, then the image processor resizes the full image),
 both followed by the same image processor, in the same run, on real SLAKE scans (mostly 1024 px
 JPEG). Reports images/s for both, the ratio, and how far medvl's pixel values are from the full
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from medvl.data.images import load_image
+from medvl.imaging import read_image
 from medvl.model.build import square_image_processor
 
 
@@ -53,7 +53,7 @@ def main() -> None:
     for size in args.sizes:
         processor = square_image_processor(size)
         base, ref = timed(baseline_read, paths, processor, args.repeats)
-        ours, px = timed(lambda p, s=size: load_image(p, size=s), paths, processor, args.repeats)
+        ours, px = timed(lambda p, s=size: read_image(p, size=s), paths, processor, args.repeats)
         diff = np.abs(px - ref)
         rows.append(
             {

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from medvl.imaging import CT_WINDOWS as WINDOWS
+from medvl.imaging import window
 from medvl.prompts import IMAGE_TOKEN, MC_INSTRUCTION
 from medvl.synth.dataset import read_records, write_synthetic
 from medvl.synth.images import (
@@ -29,7 +31,7 @@ from medvl.synth.images import (
     render,
     synthesize,
 )
-from medvl.synth.phantom import LABELS, LESION_KINDS, LESION_LABEL, WINDOWS, make_phantom, window
+from medvl.synth.phantom import LABELS, LESION_KINDS, LESION_LABEL, make_phantom
 from medvl.synth.templates import LETTERS, build_quickstart_data, mc_benchmark, mc_questions
 from medvl.vocab import DEPARTMENTS, MODALITIES, OMNIMEDVQA_QUESTION_TYPES
 

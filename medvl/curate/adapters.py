@@ -1,43 +1,46 @@
 """Source adapters, registered by name. Each lists its *items* (cheap, in the driver: one image, volume
 or clip, as a small picklable dict with a unique `id`) and *loads* an item into 2D samples (in a worker).
-A card's `options` are checked against the adapter's `Options` model."""
+A card's `options` are checked against the adapter's `Options` model. Every pixel conversion is
+medvl.imaging's, with the card's `Preprocessing` (`card_preprocessing`), which each record stores."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
-import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import ImageSequence
 from pydantic import Field
 
-from medvl.vocab import BODY_REGIONS
-
-from .card import Strict
-from .images import (
-    WINDOW_BY_REGION,
-    CurationError,
-    as_label_array,
-    ct_window,
-    mask_boxes,
-    normalise_percentile,
+from medvl.errors import InputError
+from medvl.imaging import (
+    Preprocessing,
+    body_part_region,
+    make_display,
     open_image,
+    read_dicom,
+    read_dicom_series,
+    read_volume,
     resize_spacing,
-    slice_presence,
     to_display,
+    to_lps,
+    volume_planes,
 )
+from medvl.records import Strict
+
+from .images import as_label_array, mask_boxes, slice_presence
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 
 
 @dataclass
-class Sample:
+class SourceImage:
     """One 2D image out of an item, before vocabulary mapping and encoding (done by the pipeline)."""
 
     pixels: np.ndarray  # uint8, (H, W) or (H, W, 3)
@@ -53,6 +56,22 @@ class Sample:
 
 
 ADAPTERS: dict[str, type] = {}
+
+
+def card_preprocessing(card) -> Preprocessing:
+    """How this card's files become pixels; stored with each of its records. A card that sets none of
+    these gets medvl's default, which is also every checkpoint's default, so a model trained on such data
+    is served DICOM exactly as it was curated."""
+    return Preprocessing(
+        ct_window=card.ct_window,
+        default_region=card.body_region,
+        region_map=card.body_region_map,
+        max_side=card.max_side,
+    )
+
+
+def _display(card, im) -> np.ndarray:
+    return to_display(im, card_preprocessing(card))
 
 
 def register(name: str):
@@ -92,9 +111,9 @@ class FolderPerClass:
         return [{"id": f} for f in _files(root, opts.pattern)]
 
     @staticmethod
-    def load(card, opts, root: Path, item: dict) -> Iterator[Sample]:
-        im = open_image(root / item["id"], item["id"], card.max_pixels)
-        yield Sample(to_display(im), item["id"], labels=[Path(item["id"]).parent.name])
+    def load(card, opts, root: Path, item: dict) -> Iterator[SourceImage]:
+        im = open_image(root / item["id"], item["id"], max_pixels=card.max_pixels)
+        yield SourceImage(_display(card, im), item["id"], labels=[Path(item["id"]).parent.name])
 
 
 @register("table")
@@ -135,13 +154,13 @@ class LabelTable:
         return items
 
     @staticmethod
-    def load(card, opts, root: Path, item: dict) -> Iterator[Sample]:
+    def load(card, opts, root: Path, item: dict) -> Iterator[SourceImage]:
         if not item["labels"]:
-            raise CurationError(item["id"], opts.label_column, "empty label")
+            raise InputError(item["id"], opts.label_column, "empty label")
         if not (root / item["file"]).is_file():
-            raise CurationError(item["id"], opts.image_column, f"image {item['file']} not found")
-        im = open_image(root / item["file"], item["file"], card.max_pixels)
-        yield Sample(to_display(im), item["file"], labels=item["labels"])
+            raise InputError(item["id"], opts.image_column, f"image {item['file']} not found")
+        im = open_image(root / item["file"], item["file"], max_pixels=card.max_pixels)
+        yield SourceImage(_display(card, im), item["file"], labels=item["labels"])
 
 
 # ---------------------------------------------------------------- 2D detection
@@ -173,13 +192,13 @@ class Coco:
         return sorted(items.values(), key=lambda i: i["id"])
 
     @staticmethod
-    def load(card, opts, root: Path, item: dict) -> Iterator[Sample]:
-        im = open_image(root / item["id"], item["id"], card.max_pixels)
+    def load(card, opts, root: Path, item: dict) -> Iterator[SourceImage]:
+        im = open_image(root / item["id"], item["id"], max_pixels=card.max_pixels)
         if item["size"][0] and tuple(item["size"]) != im.size:
-            raise CurationError(
+            raise InputError(
                 item["id"], "width/height", f"annotation says {item['size']}, image is {im.size}"
             )
-        yield Sample(to_display(im), item["id"], labels=_uniq(item["boxes"]), boxes=item["boxes"])
+        yield SourceImage(_display(card, im), item["id"], labels=_uniq(item["boxes"]), boxes=item["boxes"])
 
 
 @register("voc")
@@ -193,7 +212,7 @@ class PascalVoc:
         return [{"id": f} for f in _files(root, opts.annotations, {".xml"})]
 
     @staticmethod
-    def load(card, opts, root: Path, item: dict) -> Iterator[Sample]:
+    def load(card, opts, root: Path, item: dict) -> Iterator[SourceImage]:
         try:
             tree = ET.parse(root / item["id"]).getroot()
             fname = tree.findtext("filename")
@@ -211,14 +230,16 @@ class PascalVoc:
                 for o in tree.iter("object")
             ]
         except (ET.ParseError, TypeError, ValueError) as e:
-            raise CurationError(item["id"], "xml", f"malformed VOC annotation ({e})") from None
+            raise InputError(item["id"], "xml", f"malformed VOC annotation ({e})") from None
         rel = (Path(opts.images_dir) / (fname or "")).as_posix()
         if not fname or not (root / rel).is_file():
-            raise CurationError(item["id"], "filename", f"image {rel} not found")
-        im = open_image(root / rel, rel, card.max_pixels)
+            raise InputError(item["id"], "filename", f"image {rel} not found")
+        im = open_image(root / rel, rel, max_pixels=card.max_pixels)
         if size != im.size:
-            raise CurationError(item["id"], "size", f"annotation says {size}, image {rel} is {im.size}")
-        yield Sample(to_display(im), rel, labels=_uniq(boxes), boxes=boxes, meta={"annotation": item["id"]})
+            raise InputError(item["id"], "size", f"annotation says {size}, image {rel} is {im.size}")
+        yield SourceImage(
+            _display(card, im), rel, labels=_uniq(boxes), boxes=boxes, meta={"annotation": item["id"]}
+        )
 
 
 @register("per_image_json")
@@ -252,31 +273,31 @@ class PerImageJson:
         ]
 
     @staticmethod
-    def load(card, opts, root: Path, item: dict) -> Iterator[Sample]:
+    def load(card, opts, root: Path, item: dict) -> Iterator[SourceImage]:
         rel = item["id"]
         folder = Path(rel).parent
-        im = open_image(root / rel, rel, card.max_pixels)
+        im = open_image(root / rel, rel, max_pixels=card.max_pixels)
         box_rel = (folder / opts.boxes_file).as_posix()
         try:
             raw = json.loads((root / box_rel).read_text())
             boxes = [_box(label, *xywh) for entry in raw for label, xywh in entry.items()]
         except FileNotFoundError:
-            raise CurationError(box_rel, "boxes", "box file missing") from None
+            raise InputError(box_rel, "boxes", "box file missing") from None
         except (ValueError, TypeError, AttributeError) as e:
-            raise CurationError(
-                box_rel, "boxes", f"expected a list of {{label: [x, y, w, h]}} ({e})"
-            ) from None
+            raise InputError(box_rel, "boxes", f"expected a list of {{label: [x, y, w, h]}} ({e})") from None
         derived, meta = [], {}
         if opts.mask_file and (root / folder / opts.mask_file).is_file():
             mrel = (folder / opts.mask_file).as_posix()
-            mask = np.asarray(open_image(root / mrel, mrel, card.max_pixels, "mask").convert("L"))
+            mask = np.asarray(
+                open_image(root / mrel, mrel, max_pixels=card.max_pixels, field="mask").convert("L")
+            )
             if mask.shape != (im.size[1], im.size[0]):
-                raise CurationError(mrel, "mask", f"mask is {mask.shape[::-1]}, image {rel} is {im.size}")
+                raise InputError(mrel, "mask", f"mask is {mask.shape[::-1]}, image {rel} is {im.size}")
             derived, meta = mask_boxes(mask, card.label_names), {"mask": mrel}
         if item["modality"] is None and card.modality is None:
-            raise CurationError(rel, "modality", "image is in no index file and the card sets no modality")
-        yield Sample(
-            to_display(im),
+            raise InputError(rel, "modality", "image is in no index file and the card sets no modality")
+        yield SourceImage(
+            _display(card, im),
             rel,
             labels=_uniq(boxes),
             boxes=boxes,
@@ -306,15 +327,15 @@ class Mask2D:
         return [{"id": f} for f in _files(root, opts.images)]
 
     @staticmethod
-    def load(card, opts, root: Path, item: dict) -> Iterator[Sample]:
+    def load(card, opts, root: Path, item: dict) -> Iterator[SourceImage]:
         rel = item["id"]
         mrel = (Path(opts.masks_dir) / (Path(rel).stem + opts.mask_suffix)).as_posix()
         if not (root / mrel).is_file():
-            raise CurationError(rel, "mask", f"mask {mrel} not found")
-        im = open_image(root / rel, rel, card.max_pixels)
-        m = open_image(root / mrel, mrel, card.max_pixels, "mask")
+            raise InputError(rel, "mask", f"mask {mrel} not found")
+        im = open_image(root / rel, rel, max_pixels=card.max_pixels)
+        m = open_image(root / mrel, mrel, max_pixels=card.max_pixels, field="mask")
         if m.size != im.size:
-            raise CurationError(mrel, "mask", f"mask is {m.size}, image {rel} is {im.size}")
+            raise InputError(mrel, "mask", f"mask is {m.size}, image {rel} is {im.size}")
         if opts.colours:
             rgb = np.asarray(m.convert("RGB")).astype(np.int32)
             code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
@@ -322,7 +343,7 @@ class Mask2D:
             boxes = mask_boxes(code, names)
         else:
             boxes = mask_boxes(np.asarray(m.convert("L")), card.label_names)
-        yield Sample(to_display(im), rel, labels=_uniq(boxes), boxes=boxes, meta={"mask": mrel})
+        yield SourceImage(_display(card, im), rel, labels=_uniq(boxes), boxes=boxes, meta={"mask": mrel})
 
 
 # ---------------------------------------------------------------- 3D volumes
@@ -331,37 +352,11 @@ class Mask2D:
 class VolumeOptions(Strict):
     images: str = "**/*.nii.gz"
     labels: str | None = None  # label volume path template: "{dir}", "{name}", "{stem}" of the image
-    axis: str = "axial"  # axial | coronal | sagittal
+    axis: Literal["axial", "coronal", "sagittal"] = "axial"
     slices_per_label: int = 5  # evenly spaced slices containing each label
     negatives: int = 2  # slices containing no label
     unlabelled_slices: int = 8  # evenly spaced slices of a volume without labels
     region_from_parent: bool = False  # body region = parent folder name (mapped by body_region_map)
-
-
-def _lps(img):
-    """Reorient to LPS (no-op, and no copy, when it already is): rows then run anterior->posterior and
-    columns patient right->left (radiological view), slices inferior->superior."""
-    import SimpleITK as sitk
-
-    if img.GetDirection() == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0):
-        return img
-    return sitk.DICOMOrient(img, "LPS")
-
-
-def _slices(img, axis: str) -> tuple[np.ndarray, tuple[float, float]]:
-    """An LPS SimpleITK image -> ([slice, row, col] array, in-plane (row, col) spacing) for the axis;
-    coronal and sagittal are flipped so the head is up."""
-    import SimpleITK as sitk
-
-    a = sitk.GetArrayFromImage(img)  # [S, P, L]
-    sx, sy, sz = img.GetSpacing()
-    if axis == "axial":
-        return a, (sy, sx)
-    if axis == "coronal":
-        return np.ascontiguousarray(a.transpose(1, 0, 2)[:, ::-1]), (sz, sx)
-    if axis == "sagittal":
-        return np.ascontiguousarray(a.transpose(2, 0, 1)[:, ::-1]), (sz, sy)
-    raise CurationError("<card>", "options.axis", f"unknown axis {axis!r}")
 
 
 def _check_grid(img, lab, lrel: str) -> None:
@@ -369,15 +364,15 @@ def _check_grid(img, lab, lrel: str) -> None:
     origins within half a voxel (headers written by different tools differ in the last digits)."""
     size, lsize = img.GetSize(), lab.GetSize()
     if size != lsize:
-        raise CurationError(lrel, "labels", f"label volume is {lsize} voxels, its image is {size}")
+        raise InputError(lrel, "labels", f"label volume is {lsize} voxels, its image is {size}")
     sp, lsp = np.array(img.GetSpacing()), np.array(lab.GetSpacing())
     if not np.allclose(sp, lsp, rtol=1e-3):
-        raise CurationError(
+        raise InputError(
             lrel, "labels", f"label spacing {lsp.round(4).tolist()} mm != image {sp.round(4).tolist()} mm"
         )
     shift = np.abs(np.array(img.GetOrigin()) - np.array(lab.GetOrigin()))
     if (shift > sp / 2).any():
-        raise CurationError(lrel, "labels", f"label volume is shifted by {shift.round(2).tolist()} mm")
+        raise InputError(lrel, "labels", f"label volume is shifted by {shift.round(2).tolist()} mm")
 
 
 def choose_slices(
@@ -402,30 +397,28 @@ def choose_slices(
 
 def slice_volume(
     card, opts, img, lab, lrel: str | None, rel: str, modality: str, region: str | None, meta: dict
-) -> Iterator[Sample]:
+) -> Iterator[SourceImage]:
     """Slices of one volume (and its label volume `lab`, file `lrel`, or None) as 2D samples."""
     if img.GetDimension() != 3:
-        raise CurationError(rel, "image", f"expected a 3D volume, got {img.GetDimension()}D {img.GetSize()}")
-    img = _lps(img)
-    vol, spacing = _slices(img, opts.axis)
+        raise InputError(rel, "image", f"expected a 3D volume, got {img.GetDimension()}D {img.GetSize()}")
+    img = to_lps(img)
+    vol, spacing = volume_planes(img, opts.axis)
     labels = None
     if lab is not None:
-        lab = _lps(lab)
+        lab = to_lps(lab)
         _check_grid(img, lab, lrel)
-        labels = as_label_array(_slices(lab, opts.axis)[0], lrel)
-    if modality == "CT":
-        window = _window(card, region)
-        meta = {**meta, "ct_window": window}
-    else:  # MR and others have no absolute scale: one percentile range per volume
-        ref = vol[:: max(1, vol.shape[0] // 16)].astype(np.float32)
-    meta = {**meta, "axis": opts.axis, "spacing_mm": [float(s) for s in spacing]}
+        labels = as_label_array(volume_planes(lab, opts.axis)[0], lrel)
+    prep = card_preprocessing(card)
+    display, shown = make_display(prep, modality, region, vol)
+    meta = {**meta, **shown, "axis": opts.axis, "spacing_mm": [float(s) for s in spacing]}
     for k in choose_slices(
         labels, vol.shape[0], opts.slices_per_label, opts.negatives, opts.unlabelled_slices
     ):
-        px = ct_window(vol[k], window) if modality == "CT" else normalise_percentile(vol[k], ref=ref)
-        px, lk = resize_spacing(px, spacing, card.max_side, None if labels is None else labels[k])
+        px, lk = resize_spacing(
+            display(vol[k]), spacing, prep.max_side, None if labels is None else labels[k]
+        )
         boxes = [] if lk is None else mask_boxes(lk, card.label_names)
-        yield Sample(
+        yield SourceImage(
             px,
             rel,
             k,
@@ -445,32 +438,13 @@ def _label_path(template: str, rel: str) -> str:
     return template.format(dir=p.parent.as_posix(), name=name, stem=stem)
 
 
-def _read_volume(path: Path, rel: str, field: str):
-    import SimpleITK as sitk
-
-    try:
-        img = sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        raise CurationError(
-            rel, field, f"unreadable volume ({str(e).strip().splitlines()[-1][:200]})"
-        ) from None
-    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
-        raise CurationError(
-            rel,
-            field,
-            f"expected a scalar 3D volume, got {img.GetDimension()}D with "
-            f"{img.GetNumberOfComponentsPerPixel()} component(s) of size {img.GetSize()}",
-        )
-    return img
-
-
 def _label_volume(opts, root: Path, rel: str):
     if not opts.labels:
         return None, None
     lrel = _label_path(opts.labels, rel)
     if not (root / lrel).is_file():
-        raise CurationError(rel, "labels", f"label volume {lrel} not found")
-    return _read_volume(root / lrel, lrel, "labels"), lrel
+        raise InputError(rel, "labels", f"label volume {lrel} not found")
+    return read_volume(root / lrel, lrel, "labels"), lrel
 
 
 @register("nifti")
@@ -488,11 +462,11 @@ class Nifti:
         return [{"id": f} for f in files]
 
     @staticmethod
-    def load(card, opts, root: Path, item: dict) -> Iterator[Sample]:
+    def load(card, opts, root: Path, item: dict) -> Iterator[SourceImage]:
         rel = item["id"]
         if card.modality is None:
-            raise CurationError(rel, "modality", "NIfTI carries no modality; set `modality` in the card")
-        img = _read_volume(root / rel, rel, "image")
+            raise InputError(rel, "modality", "NIfTI carries no modality; set `modality` in the card")
+        img = read_volume(root / rel, rel, "image")
         lab, lrel = _label_volume(opts, root, rel)
         region = Path(rel).parent.name if opts.region_from_parent else None
         yield from slice_volume(card, opts, img, lab, lrel, rel, card.modality, region, {})
@@ -515,139 +489,38 @@ class Dicom:
         return [{"id": f} for f in files]
 
     @staticmethod
-    def load(card, opts, root: Path, item: dict) -> Iterator[Sample]:
-        import pydicom
-        from pydicom.errors import InvalidDicomError
-
+    def load(card, opts, root: Path, item: dict) -> Iterator[SourceImage]:
         from .deid import deidentify, technical_meta
 
         rel = item["id"]
         if opts.series:
-            import SimpleITK as sitk
-
-            folder = str(root / rel)
-            series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
-            if len(series) != 1:
-                raise CurationError(
-                    rel, "series", f"expected one DICOM series in the folder, found {len(series)}"
-                )
-            # GDCM sorts the files by ImagePositionPatient along the slice normal, whatever their names.
-            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, series[0])
-            n_files = len(list((root / rel).glob(Path(opts.images).name)))
-            if len(files) != n_files:
-                raise CurationError(
-                    rel, "series", f"{n_files - len(files)} of {n_files} files are not part of the series"
-                )
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    ds = deidentify(pydicom.dcmread(files[0], stop_before_pixels=True))
-                reader = sitk.ImageSeriesReader()  # pixels only: it keeps no header (its default)
-                reader.SetFileNames(files)
-                img = reader.Execute()
-            except (InvalidDicomError, OSError, ValueError, RuntimeError) as e:
-                raise CurationError(rel, "series", f"cannot read the series ({type(e).__name__})") from None
+            img, header = read_dicom_series(root / rel, rel, Path(opts.images).name)
+            ds = deidentify(header)
             lab, lrel = _label_volume(opts, root, rel)
             modality = card.modality or str(ds.get("Modality", ""))
-            yield from slice_volume(
-                card, opts, img, lab, lrel, rel, modality, _region(card, ds), technical_meta(ds)
-            )
+            region = body_part_region(ds.get("BodyPartExamined")) or card.body_region
+            yield from slice_volume(card, opts, img, lab, lrel, rel, modality, region, technical_meta(ds))
             return
-        try:
-            with warnings.catch_warnings():  # pydicom warnings may quote header values: never log them
-                warnings.simplefilter("ignore")
-                ds = deidentify(pydicom.dcmread(root / rel))
-        except (InvalidDicomError, OSError, ValueError, EOFError) as e:
-            raise CurationError(rel, "file", f"not a readable DICOM file ({type(e).__name__})") from None
-        if "PixelData" not in ds:
-            raise CurationError(rel, "PixelData", f"no image (SOP class {ds.get('SOPClassUID', '?')!s})")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                arr = ds.pixel_array  # pydicom 3 returns colour images as RGB
-        except Exception as e:  # a missing codec, or truncated pixel data; the message names no PHI
-            tsyntax = ds.file_meta.get("TransferSyntaxUID", "?") if ds.get("file_meta") is not None else "?"
-            raise CurationError(
-                rel, "PixelData", f"cannot decode ({type(e).__name__}; transfer syntax {tsyntax})"
-            ) from None
-        modality = card.modality or str(ds.get("Modality", ""))
+        dcm = read_dicom(root / rel, rel, max_pixels=card.max_pixels, max_bytes=None)
+        meta = technical_meta(deidentify(dcm.ds))
+        modality = card.modality or dcm.modality
         if not modality:
-            raise CurationError(rel, "Modality", "no Modality tag and the card sets no `modality`")
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        samples = int(ds.get("SamplesPerPixel", 1))
-        arr = arr if frames > 1 else arr[None]
-        if arr.ndim != (4 if samples > 1 else 3):
-            raise CurationError(rel, "PixelData", f"unexpected pixel array shape {arr.shape}")
-        meta = technical_meta(ds)
-        if samples == 1:
-            from pydicom.pixels import apply_modality_lut
-
-            arr = apply_modality_lut(arr, ds).astype(np.float32)
-        spacing = [float(s) for s in ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing") or [1.0, 1.0]]
-        spacing = spacing if min(spacing) > 0 else [1.0, 1.0]  # some files carry 0.0: treat as unknown
-        region = _region(card, ds)
-        ref = None if samples > 1 or modality == "CT" else arr[:: max(1, len(arr) // 16)]
+            raise InputError(rel, "Modality", "no Modality tag and the card sets no `modality`")
         # A multi-frame file (cine, enhanced CT/MR) carries no labels: like an unlabelled volume, it gives
         # `unlabelled_slices` evenly spaced frames rather than every one of its (often hundreds of) frames.
-        for k in choose_slices(None, len(arr), 0, 0, opts.unlabelled_slices):
-            fr = arr[k]
-            if samples > 1:
-                px = np.asarray(fr if fr.dtype == np.uint8 else normalise_percentile(fr), np.uint8)
-            elif modality == "CT":
-                px = ct_window(fr, _window(card, region))
-            else:
-                px = normalise_percentile(fr, ref=ref)
-                if ds.get("PhotometricInterpretation") == "MONOCHROME1":
-                    px = 255 - px
-            px, _ = resize_spacing(px, tuple(spacing), card.max_side)
-            yield Sample(
+        chosen = choose_slices(None, dcm.frames, 0, 0, opts.unlabelled_slices)
+        planes, shown = dcm.render(chosen, card_preprocessing(card), modality)
+        multi = dcm.frames > 1
+        for k, px in zip(chosen, planes, strict=True):
+            yield SourceImage(
                 px,
                 rel,
-                k if frames > 1 else -1,
-                "frame" if frames > 1 else "",
+                k if multi else -1,
+                "frame" if multi else "",
                 modality=modality,
-                body_region=region,
-                meta=meta,
+                body_region=dcm.body_part or card.body_region,
+                meta={**meta, **shown},
             )
-
-
-def _window(card, region: str | None) -> str:
-    """The card's CT window, or the one for the (mapped) body region; abdomen (soft tissue) otherwise."""
-    if card.ct_window != "auto":
-        return card.ct_window
-    return WINDOW_BY_REGION.get(card.body_region_map.get(region, region) if region else "", "abdomen")
-
-
-def _region(card, ds) -> str | None:
-    """DICOM BodyPartExamined (upper-case defined terms) -> a BODY_REGIONS spelling where one matches;
-    others pass through to the card's body_region_map."""
-    part = str(ds.get("BodyPartExamined", "") or "").strip()
-    if not part:
-        return card.body_region
-    return next(
-        (r for r in BODY_REGIONS if r.upper() == part.upper()), DICOM_BODY_PARTS.get(part.upper(), part)
-    )
-
-
-# DICOM PS3.16 CID 4031 terms that are not spelled like a BODY_REGIONS entry.
-DICOM_BODY_PARTS = {
-    "BRAIN": "Head",
-    "SKULL": "Head",
-    "THORAX": "Chest",
-    "LUNG": "Chest",
-    "CSPINE": "Spine",
-    "TSPINE": "Spine",
-    "LSPINE": "Spine",
-    "PANCREAS": "Abdomen",
-    "LIVER": "Abdomen",
-    "KIDNEY": "Abdomen",
-    "HAND": "Upper limb",
-    "ARM": "Upper limb",
-    "KNEE": "Lower limb",
-    "LEG": "Lower limb",
-    "FOOT": "Lower limb",
-    "WHOLEBODY": "Whole body",
-}
 
 
 # ---------------------------------------------------------------- video
@@ -677,7 +550,7 @@ class Video:
         return [{"id": p.relative_to(root).as_posix()} for p in sorted(root.glob(opts.clips))]
 
     @staticmethod
-    def load(card, opts, root: Path, item: dict) -> Iterator[Sample]:
+    def load(card, opts, root: Path, item: dict) -> Iterator[SourceImage]:
         rel = item["id"]
         path = root / rel
         labels = [Path(rel).parent.name] if opts.label_from_parent else []
@@ -685,26 +558,24 @@ class Video:
         if path.is_dir():
             files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
             timed = ((i / opts.source_fps, f) for i, f in enumerate(files))
-            pick = lambda f: to_display(open_image(f, f"{rel}/{f.name}", card.max_pixels))  # noqa: E731
+            pick = lambda f: _display(card, open_image(f, f"{rel}/{f.name}", max_pixels=card.max_pixels))  # noqa: E731
         elif suffix in VIDEO_EXTS:
             timed = _av_frames(path, rel, card.max_pixels)
             pick = lambda fr: fr.to_ndarray(format="rgb24")  # noqa: E731
         elif suffix in (".gif", ".tif", ".tiff", ".webp", ".png"):
-            im = open_image(path, rel, card.max_pixels)
+            im = open_image(path, rel, max_pixels=card.max_pixels)
             timed = list(_still_frames(im, opts.source_fps))  # all times first: `pick` seeks
 
             def pick(k: int) -> np.ndarray:
                 im.seek(k)
-                return to_display(im.convert("RGB"))
+                return _display(card, im.convert("RGB"))
         else:
-            raise CurationError(
-                rel, "file", f"not a video format this adapter reads ({suffix or 'no suffix'})"
-            )
+            raise InputError(rel, "file", f"not a video format this adapter reads ({suffix or 'no suffix'})")
         chosen = [(k, t, pick(fr)) for k, t, fr in at_rate(timed, opts.fps, opts.max_frames)]
         if not chosen:
-            raise CurationError(rel, "frames", "clip has no frames")
+            raise InputError(rel, "frames", "clip has no frames")
         for k, t, px in chosen:
-            yield Sample(px, rel, k, "frame", labels=labels, meta={"time_s": round(t, 3)})
+            yield SourceImage(px, rel, k, "frame", labels=labels, meta={"time_s": round(t, 3)})
 
 
 def at_rate(frames: Iterable[tuple[float, object]], fps: float, max_frames: int) -> Iterator[tuple]:
@@ -744,14 +615,14 @@ def _av_frames(path: Path, rel: str, max_pixels: int) -> Iterator[tuple[float, o
     try:
         container = av.open(str(path))
     except av.FFmpegError as e:
-        raise CurationError(rel, "file", f"not a readable video ({_av_reason(e)})") from None
+        raise InputError(rel, "file", f"not a readable video ({_av_reason(e)})") from None
     with container:
         if not container.streams.video:
-            raise CurationError(rel, "file", "no video stream")
+            raise InputError(rel, "file", "no video stream")
         stream = container.streams.video[0]
         w, h = stream.codec_context.width, stream.codec_context.height
         if w * h > max_pixels or not w or not h:
-            raise CurationError(rel, "frames", f"{w}x{h} frames (max_pixels={max_pixels})")
+            raise InputError(rel, "frames", f"{w}x{h} frames (max_pixels={max_pixels})")
         rate = float(stream.average_rate or 25)
         n = 0
         try:
@@ -759,11 +630,11 @@ def _av_frames(path: Path, rel: str, max_pixels: int) -> Iterator[tuple[float, o
                 yield (frame.time if frame.time is not None else n / rate), frame
                 n += 1
         except av.FFmpegError as e:
-            raise CurationError(
+            raise InputError(
                 rel, "frames", f"corrupt or truncated video data after {n} frames ({_av_reason(e)})"
             ) from None
         if stream.frames and n < stream.frames:
-            raise CurationError(
+            raise InputError(
                 rel, "frames", f"truncated: decoded {n} of the {stream.frames} frames it declares"
             )
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from medvl.data.images import load_image
+from medvl.imaging import read_image
 from medvl.model.build import VLM
 from medvl.prompts import IMAGE_TOKEN
 
@@ -177,7 +177,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         images = []
         for p in s.images:
             try:
-                images.append(load_image(p, size=size or cfg.vision_config.image_size))
+                side = size or cfg.vision_config.image_size
+                images.append(read_image(p, self.vlm.preprocessing, size=side))
             except (OSError, ValueError) as e:
                 raise ValueError(f"sample id {s.id}: image {p} is unreadable ({e})") from e
         return s, images

@@ -20,7 +20,7 @@ from typing import Literal
 
 from PIL import Image
 
-from medvl.data.images import load_image
+from medvl.imaging import DEFAULT_PREPROCESSING, Preprocessing, read_image
 from medvl.prompts import OPTION_LETTERS as LETTERS
 from medvl.prompts import build_prompt
 
@@ -53,8 +53,13 @@ class Item:
     def prompt(self) -> str:
         return build_prompt(self.question, self.options)
 
-    def load_images(self, size: int | None = None) -> list[Image.Image]:
-        return [load_image(s if isinstance(s, Path) else base64.b64decode(s), size=size) for s in self.images]
+    def load_images(
+        self, size: int | None = None, preprocessing: Preprocessing = DEFAULT_PREPROCESSING
+    ) -> list[Image.Image]:
+        return [
+            read_image(s if isinstance(s, Path) else base64.b64decode(s), preprocessing, size=size)
+            for s in self.images
+        ]
 
 
 def _need(row: dict, key: str, where: str) -> str:

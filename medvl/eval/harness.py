@@ -21,6 +21,7 @@ import medvl
 from medvl.eval.benchmarks import Item, load_benchmark
 from medvl.eval.report import build_report, write_report
 from medvl.eval.scoring import judge_unresolved, read_predictions
+from medvl.imaging import DEFAULT_PREPROCESSING, Preprocessing
 from medvl.llm import LLMClient, image_data_url
 from medvl.prompts import MC_INSTRUCTION, SHORT_INSTRUCTION
 
@@ -41,6 +42,7 @@ class LocalModel:
     def __init__(self, vlm, name: str) -> None:
         self.vlm, self.name = vlm, name
         self.image_size = vlm.model.config.vision_config.image_size  # as in training
+        self.preprocessing = vlm.preprocessing  # DICOM files are read as the checkpoint says
 
     def answer(self, prompts: list[tuple[str, list[Image.Image]]], max_new_tokens: int) -> list[str]:
         from medvl.model.generate import Conversation, generate
@@ -108,8 +110,10 @@ def _image_source(items: list[Item], variant: str) -> list[int]:
     return [source[i] for i in range(len(items))]
 
 
-def _images(item: Item, variant: str, size: int | None) -> list[Image.Image]:
-    images = item.load_images(size)
+def _images(
+    item: Item, variant: str, size: int | None, preprocessing: Preprocessing = DEFAULT_PREPROCESSING
+) -> list[Image.Image]:
+    images = item.load_images(size, preprocessing)
     return [Image.new("RGB", im.size) for im in images] if variant == "blank" else images
 
 
@@ -147,7 +151,16 @@ def predict(
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             prompts = [
-                (items[i].prompt(), _images(items[source[i]], variant, answerer.image_size)) for i in batch
+                (
+                    items[i].prompt(),
+                    _images(
+                        items[source[i]],
+                        variant,
+                        answerer.image_size,
+                        getattr(answerer, "preprocessing", DEFAULT_PREPROCESSING),
+                    ),
+                )
+                for i in batch
             ]
             texts = answerer.answer(prompts, max_new_tokens)
             for item, text in zip([items[i] for i in batch], texts, strict=True):

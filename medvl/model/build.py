@@ -9,13 +9,13 @@ transformers loads without medvl.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -34,6 +34,8 @@ from transformers import (
 )
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
+from medvl.errors import InputError
+from medvl.imaging import Preprocessing
 from medvl.model.tokenizer import CHAT_TEMPLATE, IMAGE_TOKEN, add_medvl_tokens
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
@@ -78,6 +80,9 @@ class VLM:
 
     model: LlavaForConditionalGeneration
     processor: LlavaProcessor
+    # How DICOM and other medical files become the pixels this model sees: set it to the preprocessing
+    # of the curated data it is trained on; serving, chat and evaluation read files with it.
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
 
     @property
     def tokenizer(self):
@@ -85,6 +90,7 @@ class VLM:
 
     def save(self, folder: str | Path) -> None:
         save(self.model, self.processor, folder)
+        save_preprocessing(self.preprocessing, folder)
 
 
 def _num_additional_tokens(vision_config: PretrainedConfig, strategy: str) -> int:
@@ -253,6 +259,28 @@ def save(model: PreTrainedModel, processor: LlavaProcessor, folder: str | Path) 
     processor.save_pretrained(folder)
 
 
+# Next to the weights: stock transformers ignores it, medvl's `load` reads it.
+PREPROCESSING_FILE = "preprocessing.json"
+
+
+def save_preprocessing(preprocessing: Preprocessing, folder: str | Path) -> None:
+    path = Path(folder) / PREPROCESSING_FILE
+    path.write_text(preprocessing.model_dump_json(indent=1) + "\n")
+
+
+def load_preprocessing(folder: str | Path) -> Preprocessing:
+    """A model folder's preprocessing; medvl's default for a folder without one (e.g. a stock LLaVA
+    model)."""
+    path = Path(folder) / PREPROCESSING_FILE
+    if not path.exists():
+        return Preprocessing()
+    try:
+        return Preprocessing.model_validate_json(path.read_text())
+    except ValidationError as e:  # invalid JSON included
+        problem = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'file'}: {x['msg']}" for x in e.errors())
+        raise InputError(str(path), "preprocessing", problem) from None
+
+
 def load(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None) -> VLM:
     """Load a medvl (= stock LLaVA) folder. safetensors only, no remote code."""
     folder = Path(folder)
@@ -267,4 +295,4 @@ def load(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | N
     processor.tokenizer.padding_side = "left"
     if device:
         model.to(device)
-    return VLM(model.eval(), processor)
+    return VLM(model.eval(), processor, load_preprocessing(folder))

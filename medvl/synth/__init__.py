@@ -1,8 +1,9 @@
 """Embedded default data: procedural labelled medical images, 3D CT phantoms, template instruction data."""
 
+from medvl.imaging import window
 from medvl.synth.dataset import read_records, write_synthetic
 from medvl.synth.images import Plan, SynthImage, render, sample_plan, synthesize
-from medvl.synth.phantom import Phantom, make_phantom, window
+from medvl.synth.phantom import Phantom, make_phantom
 from medvl.synth.templates import build_quickstart_data
 
 __all__ = [

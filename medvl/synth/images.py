@@ -21,7 +21,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from medvl.synth.phantom import LESION_LABEL, REGION_WINDOW, make_phantom, window_named
+from medvl.imaging import WINDOW_BY_REGION, ct_window
+from medvl.synth.phantom import LESION_LABEL, make_phantom
 
 QUADRANTS: tuple[str, ...] = ("upper left", "upper right", "lower left", "lower right")
 NO_FINDING = "no finding"
@@ -381,7 +382,7 @@ def _ct(plan: Plan, s: int, bg: np.random.Generator, les: np.random.Generator):
         r = _radius(les, plan.grade, 0.05, 0.09)
         kw = dict(lesion_kind=plan.finding, lesion_center=((z + 0.5) / depth, cy, cx), lesion_radius=r)
     ph = make_phantom(region, (depth, s, s), bg, lesion=bool(kw), **kw)
-    img = window_named(ph.hu[z], REGION_WINDOW[region]).astype(np.float32) / 255.0
+    img = ct_window(ph.hu[z], WINDOW_BY_REGION[region.capitalize()]).astype(np.float32) / 255.0
     soft = (ph.labels[z] == LESION_LABEL).astype(np.float32) if kw else None
     return img, soft
 

@@ -1,4 +1,4 @@
-"""3D CT phantoms in Hounsfield units with label volumes, and CT display windows.
+"""3D CT phantoms in Hounsfield units with label volumes (displayed through medvl.imaging's CT windows).
 
 A phantom is a stack of axial slices ``[D, H, W]`` built from ellipsoids and elliptic cylinders, so it
 is fast (each shape only touches its bounding box) and its label volume is exactly consistent with its
@@ -47,18 +47,6 @@ HU: dict[str, int] = {
     "cortical bone": 1000,
 }
 
-# Named display windows: (center, width) in HU.
-WINDOWS: dict[str, tuple[float, float]] = {
-    "lung": (-600.0, 1500.0),
-    "mediastinum": (50.0, 350.0),
-    "abdomen": (40.0, 400.0),
-    "bone": (400.0, 1800.0),
-    "brain": (40.0, 80.0),
-}
-
-# The window each region is displayed with by the CT image generator.
-REGION_WINDOW: dict[str, str] = {"chest": "lung", "abdomen": "abdomen", "head": "brain"}
-
 # Lesion kind per region: name shown to users, HU (hypo- or hyperdense relative to the host organ).
 LESION_KINDS: dict[str, dict[str, int]] = {
     "chest": {"nodule": 35},
@@ -83,19 +71,6 @@ class Phantom:
     lesion: str | None = None  # lesion kind, e.g. "nodule", or None
     lesion_center: tuple[float, float, float] | None = None  # voxel coordinates (z, y, x)
     lesion_radius_mm: float | None = None
-
-
-def window(hu: np.ndarray, center: float, width: float) -> np.ndarray:
-    """Map HU to uint8 display values: ``center - width/2`` -> 0, ``center + width/2`` -> 255, linear."""
-    lo = center - width / 2.0
-    x = (np.asarray(hu, dtype=np.float32) - lo) * (255.0 / width)
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
-
-
-def window_named(hu: np.ndarray, name: str) -> np.ndarray:
-    """Apply one of :data:`WINDOWS` by name."""
-    c, w = WINDOWS[name]
-    return window(hu, c, w)
 
 
 class _Painter:

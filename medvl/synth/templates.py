@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medvl.imaging import CT_WINDOWS as WINDOWS
 from medvl.prompts import BOX_HINT, OPTION_LETTERS, box_1000, build_prompt, format_box, mc_answer, with_image
 from medvl.synth.dataset import read_records, write_synthetic
 from medvl.synth.images import (
@@ -29,7 +30,7 @@ from medvl.synth.images import (
     QUADRANTS,
     SPECS,
 )
-from medvl.synth.phantom import HU, WINDOWS
+from medvl.synth.phantom import HU
 from medvl.vocab import MODALITIES, OMNIMEDVQA_QUESTION_TYPES
 
 # Four options per synthetic multiple-choice question, as in OmniMedVQA.

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionModel
 
-from medvl.data.images import load_image
+from medvl.imaging import read_image
 from medvl.model.build import PresetSpec, square_image_processor
 from medvl.train.optim import lr_scheduler, make_optimizer
 
@@ -110,7 +110,7 @@ def pretrain_vision(
     classes = {f: sorted({str(r.get(f)) for r in records}) for f in fields}
     heads = torch.nn.ModuleDict({f: torch.nn.Linear(cfg.hidden_size, len(c)) for f, c in classes.items()})
     targets = {f: torch.tensor([classes[f].index(str(r.get(f))) for r in records]) for f in fields}
-    images = [load_image(image_root / r["image"], size=cfg.image_size) for r in records]
+    images = [read_image(image_root / r["image"], size=cfg.image_size) for r in records]
     pixels = processor(images, return_tensors="pt")["pixel_values"]
     params = list(tower.parameters()) + list(heads.parameters())
     opt = make_optimizer(params, lr, betas=(0.9, 0.999), weight_decay=0.01)

@@ -1,0 +1,69 @@
+"""The only code that turns a file into pixels, so training, curation and serving see identical pixels.
+
+- `read_image(source, preprocessing, size=...)`: a path or bytes (PNG, JPEG, any format PIL reads, or
+  DICOM) -> an RGB PIL image, with limits on bytes and pixels: the entry point of serving, the web UI,
+  `medvl chat`, evaluation and training's image reads.
+- `Preprocessing`: the description that fully determines DICOM/volume/16-bit file -> uint8 pixels (CT
+  window policy, percentile normalisation, max side). Curated records and checkpoints carry one.
+- Curation's building blocks: `open_image` (2D files), `read_dicom` (-> `DicomFile.render`),
+  `read_volume` / `read_dicom_series` (+ `to_lps`, `volume_planes`, `make_display`), `to_display`,
+  `resize_spacing`.
+- CT windows: `CT_WINDOWS` (the one table), `WINDOW_BY_REGION`, `window`, `ct_window`.
+
+SimpleITK and pydicom are imported where a volume or DICOM file is read, so reading a PNG loads neither.
+"""
+
+from .dicom import DicomFile, read_dicom
+from .display import (
+    Display,
+    make_display,
+    normalise_percentile,
+    reduce_for_size,
+    reference_planes,
+    resize_spacing,
+    to_display,
+)
+from .preprocessing import DEFAULT_PREPROCESSING, Preprocessing
+from .read import MAX_BYTES, MAX_PIXELS, is_dicom, open_image, read_bytes, read_image
+from .volume import AXES, read_dicom_series, read_volume, to_lps, volume_planes
+from .windows import (
+    CT_WINDOWS,
+    DICOM_BODY_PARTS,
+    FALLBACK_WINDOW,
+    WINDOW_BY_REGION,
+    body_part_region,
+    ct_window,
+    window,
+)
+
+__all__ = [
+    "AXES",
+    "CT_WINDOWS",
+    "DEFAULT_PREPROCESSING",
+    "DICOM_BODY_PARTS",
+    "FALLBACK_WINDOW",
+    "MAX_BYTES",
+    "MAX_PIXELS",
+    "WINDOW_BY_REGION",
+    "DicomFile",
+    "Display",
+    "Preprocessing",
+    "body_part_region",
+    "ct_window",
+    "is_dicom",
+    "make_display",
+    "normalise_percentile",
+    "open_image",
+    "read_bytes",
+    "read_dicom",
+    "read_dicom_series",
+    "read_image",
+    "read_volume",
+    "reduce_for_size",
+    "reference_planes",
+    "resize_spacing",
+    "to_display",
+    "to_lps",
+    "volume_planes",
+    "window",
+]
