@@ -23,8 +23,9 @@ from .display import (
     resize_spacing,
     to_display,
 )
+from .files import MAX_BYTES, MAX_PIXELS, is_dicom, read_bytes
 from .preprocessing import DEFAULT_PREPROCESSING, Preprocessing
-from .read import MAX_BYTES, MAX_PIXELS, is_dicom, open_image, read_bytes, read_image
+from .read import open_image, read_image
 from .volume import AXES, read_dicom_series, read_volume, to_lps, volume_planes
 from .windows import (
     CT_WINDOWS,

@@ -19,8 +19,8 @@ import numpy as np
 from medvl.errors import InputError
 
 from .display import make_display, resize_spacing, scale
+from .files import MAX_BYTES, MAX_PIXELS, read_bytes
 from .preprocessing import Preprocessing
-from .read import MAX_BYTES, MAX_PIXELS, read_bytes
 from .windows import body_part_region
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")

@@ -20,34 +20,10 @@ from PIL import Image, UnidentifiedImageError
 
 from medvl.errors import InputError
 
+from .dicom import read_dicom
 from .display import reduce_for_size, to_display
+from .files import MAX_BYTES, MAX_PIXELS, check_size, is_dicom, read_bytes
 from .preprocessing import DEFAULT_PREPROCESSING, Preprocessing
-
-# Decompression bombs: images above this many pixels (a DICOM: per frame) are refused from their
-# header, before any pixel is decoded.
-MAX_PIXELS = 50_000_000
-# Files above this many bytes are refused before they are read into memory.
-MAX_BYTES = 256 * 1024 * 1024
-
-
-def is_dicom(data: bytes) -> bool:
-    """A DICOM Part 10 file: 128-byte preamble then `DICM`."""
-    return data[128:132] == b"DICM"
-
-
-def read_bytes(source: str | Path | bytes, name: str, max_bytes: int | None = MAX_BYTES) -> bytes:
-    """The bytes of a file (or the bytes given), refused when empty or above `max_bytes` (None: no
-    limit), the size checked before reading."""
-    _check_size(source, name, max_bytes)
-    return source if isinstance(source, bytes) else Path(source).read_bytes()
-
-
-def _check_size(source: str | Path | bytes, name: str, max_bytes: int | None) -> None:
-    n = len(source) if isinstance(source, bytes) else Path(source).stat().st_size
-    if n == 0:
-        raise InputError(name, "file", "empty file")
-    if max_bytes is not None and n > max_bytes:
-        raise InputError(name, "file", f"{n} bytes, above the {max_bytes}-byte limit")
 
 
 def open_image(
@@ -63,7 +39,7 @@ def open_image(
     """Open and fully decode an image PIL reads (only `formats`, e.g. ("PNG", "JPEG"), when given),
     refusing empty, truncated, corrupt or oversized files. `draft`: the model's side; a JPEG is then
     decoded at the smallest DCT scale still >= 1.5 x `draft`. A path stays open for multi-frame seeks."""
-    _check_size(source, name, max_bytes)
+    check_size(source, name, max_bytes)
     fp = io.BytesIO(source) if isinstance(source, bytes) else Path(source)
     # Pillow warns from the header above its own limit (89 Mpx); the check below is the limit here.
     with warnings.catch_warnings():
@@ -110,8 +86,6 @@ def read_image(
     name = name or ("<bytes>" if isinstance(source, bytes) else str(source))
     data = read_bytes(source, name, max_bytes)
     if is_dicom(data):
-        from .dicom import read_dicom
-
         dcm = read_dicom(data, name, max_pixels=max_pixels, max_bytes=max_bytes)
         (px,), _ = dcm.render([dcm.frames // 2], preprocessing)
         return reduce_for_size(Image.fromarray(px).convert("RGB"), size)

@@ -1,0 +1,33 @@
+"""A file's bytes, with the limits every reader applies before decoding anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medvl.errors import InputError
+
+# Decompression bombs: images above this many pixels (a DICOM: per frame) are refused from their
+# header, before any pixel is decoded.
+MAX_PIXELS = 50_000_000
+# Files above this many bytes are refused before they are read into memory.
+MAX_BYTES = 256 * 1024 * 1024
+
+
+def is_dicom(data: bytes) -> bool:
+    """A DICOM Part 10 file: 128-byte preamble then `DICM`."""
+    return data[128:132] == b"DICM"
+
+
+def read_bytes(source: str | Path | bytes, name: str, max_bytes: int | None = MAX_BYTES) -> bytes:
+    """The bytes of a file (or the bytes given), refused when empty or above `max_bytes` (None: no
+    limit), the size checked before reading."""
+    check_size(source, name, max_bytes)
+    return source if isinstance(source, bytes) else Path(source).read_bytes()
+
+
+def check_size(source: str | Path | bytes, name: str, max_bytes: int | None) -> None:
+    n = len(source) if isinstance(source, bytes) else Path(source).stat().st_size
+    if n == 0:
+        raise InputError(name, "file", "empty file")
+    if max_bytes is not None and n > max_bytes:
+        raise InputError(name, "file", f"{n} bytes, above the {max_bytes}-byte limit")
