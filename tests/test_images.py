@@ -163,6 +163,14 @@ def test_limits_refuse_before_decoding(tmp_path):
     ds.save_as(buf)
     with pytest.raises(InputError, match="65535x65535, above"):
         read_image(buf.getvalue())
+    # a multi-frame file: its percentile range reads every frame of a short one; all the frames held
+    # at once stay within 4 x max_pixels
+    emri = get_testdata_file("emri_small.dcm")  # 10 frames of 64 x 64
+    with pytest.raises(
+        InputError, match=r"NumberOfFrames: .* 8 frames of 64x64, above the 32768-pixel limit"
+    ):
+        read_image(emri, max_pixels=64 * 64 * 2)
+    assert read_image(emri, max_pixels=64 * 64 * 3).size == (64, 64)
     Image.new("L", (3000, 3000)).save(tmp_path / "bomb.png")  # 9 Mpx in a few kB
     with pytest.raises(InputError, match=r"bomb\.png: image: image is 3000x3000"):
         read_image(tmp_path / "bomb.png", max_pixels=1_000_000)

@@ -40,12 +40,20 @@ class DicomFile:
     body_part: str | None  # BodyPartExamined as a BODY_REGIONS spelling where one matches
     spacing: tuple[float, float]  # (row, column) in mm; (1, 1) when the file does not say
     photometric: str
+    max_decoded: int  # pixels all the frames decoded from the file may hold together
     _cache: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     def plane(self, k: int) -> np.ndarray:
         """Frame k: greyscale as float32 modality values (HU for CT), colour as (H, W, 3) uint8."""
         if k in self._cache:
             return self._cache[k]
+        if (len(self._cache) + 1) * self.rows * self.cols > self.max_decoded:
+            raise InputError(
+                self.name,
+                "NumberOfFrames",
+                f"showing it takes more than {len(self._cache)} frames of {self.cols}x{self.rows}, "
+                f"above the {self.max_decoded}-pixel limit",
+            )
         from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 
         try:
@@ -128,7 +136,10 @@ def read_dicom(
     max_bytes: int | None = MAX_BYTES,
 ) -> DicomFile:
     """Read and check a DICOM file's header (pixel data kept, not decoded). Refused: not DICOM,
-    no pixel data, no image size, frames above `max_pixels`."""
+    no pixel data, no image size, frames above `max_pixels`. A multi-frame file's percentile range
+    reads up to 31 of its frames (`reference_planes`); the frames decoded from one file together must
+    stay within 4 x `max_pixels` (memory: about 10 bytes a pixel while the range is taken), so a small
+    compressed file cannot make a server decode gigabytes."""
     import pydicom
 
     data = read_bytes(source, name, max_bytes)
@@ -162,6 +173,7 @@ def read_dicom(
         body_part=body_part_region(ds.get("BodyPartExamined")),
         spacing=_spacing(ds),
         photometric=photometric,
+        max_decoded=4 * max_pixels,
     )
 
 
