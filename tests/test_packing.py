@@ -258,10 +258,10 @@ import medvl.data.packing, medvl.train.loop
 from transformers import AttentionInterface
 assert "varlen" not in AttentionInterface().valid_keys()
 from medvl.model.build import load
-from medvl.train.loop import setup_model
+from medvl.train.loop import prepare_model
 from medvl.train.config import Freeze
 for _ in range(2):
-    model, _ = setup_model(load({str(scale_tiny_model / "model")!r}), attn="varlen",
+    model, _ = prepare_model(load({str(scale_tiny_model / "model")!r}), attn="varlen",
         freeze=Freeze(llm=False, projector=False, vision=False), lora=None, gradient_checkpointing=False,
         image_size=None, resolution_sizes=[])
     assert model.config.text_config._attn_implementation == "varlen"

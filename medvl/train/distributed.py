@@ -39,7 +39,7 @@ class Launch:
 
 def join_process_group() -> Launch:
     """Joins this process to the launcher's group (a no-op for a single process). Must run before the
-    model is loaded, the Accelerator after it (see `setup_accelerator`)."""
+    model is loaded, the Accelerator after it (see `make_accelerator`)."""
     # Without a GPU, processes started by torchrun / accelerate launch must join one gloo group
     # (accelerate's MULTI_CPU); without cpu=True accelerate runs them as unrelated single processes.
     # DeepSpeed brings its own CPU accelerator and only needs to be told to use gloo.
@@ -55,7 +55,7 @@ def join_process_group() -> Launch:
     return Launch(world=world, cpu=cpu, deepspeed=use_deepspeed, fsdp=_env_flag("ACCELERATE_USE_FSDP"))
 
 
-def setup_accelerator(
+def make_accelerator(
     launch: Launch,
     accum: int,
     bf16: bool,

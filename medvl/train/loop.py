@@ -1,9 +1,10 @@
 """The training loop: one stage of the recipe, as named steps on accelerate.
 
-`StageRecipe.setup` runs the set-up steps in their order (process group, model, data, optimizer and
-schedule, resume, loader, metrics), `StageRecipe.train` the optimizer steps (`train_step` each),
-checkpoints and metrics, `StageRecipe.save` the final model. Each step is given the config fields it
-uses. `train_stage` runs one stage, `run_stages` several in a row.
+`StageRecipe` holds the steps, in their order: `setup_distributed`, `load_model`,
+`setup_accelerator`, `setup_model`, `setup_data`, `setup_optimizer`, `resume`, `setup_loader`,
+`setup_metrics`, then `train` (`train_step` for each optimizer step, checkpoints, metrics) and `save`
+(the final model). Each step hands the config fields it uses to the function doing the work.
+`train_stage` runs one stage, `run_stages` several in a row.
 
 DDP, FSDP and DeepSpeed come from `accelerate launch --config_file ...` (configs/accelerate/);
 nothing here changes (medvl/train/distributed.py). The loss is a weighted sum over assistant tokens
@@ -35,8 +36,8 @@ from medvl.train.config import DataSource, Freeze, Lora, StageConfig
 from medvl.train.distributed import (
     deepspeed_offloads_optimizer,
     join_process_group,
+    make_accelerator,
     prepare,
-    setup_accelerator,
 )
 from medvl.train.metrics import MetricsLogger, StepCounts, peak_flops
 from medvl.train.optim import lr_scheduler, make_optimizer
@@ -45,7 +46,7 @@ from medvl.train.sampler import GlobalBatchSampler
 # ---------------------------------------------------------------- model
 
 
-def load_model(folder: Path, lora: Lora | None) -> VLM:
+def load_weights(folder: Path, lora: Lora | None) -> VLM:
     """The stage's starting model; under QLoRA its frozen base in 4-bit."""
     if lora and lora.quantize_4bit:
         lora_lib.check_qlora()
@@ -60,7 +61,7 @@ def resolve_attention(requested: str, packing: str) -> str:
     return requested
 
 
-def setup_model(
+def prepare_model(
     vlm: VLM,
     *,
     attn: str,
@@ -151,7 +152,7 @@ def unread_vision_parameters(model) -> set[torch.nn.Parameter]:
 # ---------------------------------------------------------------- data
 
 
-def setup_data(vlm: VLM, sources: list[DataSource], max_length: int, sizes: set[int]) -> ConversationDataset:
+def read_data(vlm: VLM, sources: list[DataSource], max_length: int, sizes: set[int]) -> ConversationDataset:
     """The stage's samples; every one must fit `max_length` at each image size in `sizes`."""
     dataset = ConversationDataset(vlm, [(d.path, d.image_root) for d in sources], max_length)
     for size in sizes:
@@ -181,7 +182,7 @@ def data_workers(num_workers: int | str, device: torch.device) -> int:
     return max(0, min(4, (os.cpu_count() or 1) // local - 1))
 
 
-def setup_loader(
+def make_loader(
     dataset: ConversationDataset, sampler: GlobalBatchSampler, collate: Collator, workers: int, cuda: bool
 ) -> DataLoader:
     return DataLoader(
@@ -266,48 +267,74 @@ def train_step(
 
 
 class StageRecipe:
-    """One stage: `setup()`, then `train()`, then `save()` (see `train_stage`)."""
+    """One stage as named steps. `setup` runs the set-up steps in their order, `train` the optimizer
+    steps, `save` the final model (`train_stage` runs all three). Each step hands the config fields
+    it uses to the function that does the work."""
 
     def __init__(self, cfg: StageConfig) -> None:
         self.cfg = cfg
+        self.bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
+        self.attn = resolve_attention(cfg.attn_implementation, cfg.packing)
+        self.sizes = [r.size for r in cfg.resolution_schedule or []]  # progressive resolution
 
     def setup(self, resume: bool = False) -> None:
+        self.setup_distributed()
+        self.load_model()  # before the Accelerator exists (see make_accelerator)
+        self.setup_accelerator()
+        self.setup_model()
+        self.setup_data()
+        self.setup_optimizer()
+        self.start_step, self.history = self.resume() if resume else (0, [])
+        self.setup_loader()
+        self.setup_metrics()
+
+    def setup_distributed(self) -> None:
+        """The launcher's process group, the accumulation it implies, the seed."""
         cfg = self.cfg
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
-        launch = join_process_group()
-        if cfg.global_batch_size % (cfg.micro_batch_size * launch.world):
+        self.launch = join_process_group()
+        world = self.launch.world
+        if cfg.global_batch_size % (cfg.micro_batch_size * world):
             raise ValueError(
                 f"global_batch_size {cfg.global_batch_size} is not a multiple of "
-                f"micro_batch_size {cfg.micro_batch_size} x {launch.world} processes"
+                f"micro_batch_size {cfg.micro_batch_size} x {world} processes"
             )
-        self.accum = cfg.global_batch_size // (cfg.micro_batch_size * launch.world)
-        set_seed(cfg.seed)
-        # before the Accelerator exists (see setup_accelerator)
-        self.vlm = load_model(cfg.model, cfg.lora)
-        self.accelerator = acc = setup_accelerator(
-            launch, self.accum, bf16, cfg.output_dir, cfg.grad_clip, cfg.micro_batch_size
+        self.accum = cfg.global_batch_size // (cfg.micro_batch_size * world)
+        set_seed(self.cfg.seed)
+
+    def load_model(self) -> None:
+        self.vlm = load_weights(self.cfg.model, self.cfg.lora)
+        self.base = self.vlm.model  # the transformers model under any wrapper: what FLOPs are counted on
+
+    def setup_accelerator(self) -> None:
+        cfg = self.cfg
+        self.accelerator = make_accelerator(
+            self.launch, self.accum, self.bf16, cfg.output_dir, cfg.grad_clip, cfg.micro_batch_size
         )
 
-        self.base = self.vlm.model  # the transformers model under any wrapper: what FLOPs are counted on
-        attn = resolve_attention(cfg.attn_implementation, cfg.packing)
-        sizes = [r.size for r in cfg.resolution_schedule or []]
-        model, self.trainable_counts = setup_model(
+    def setup_model(self) -> None:
+        cfg = self.cfg
+        self.model, self.trainable_counts = prepare_model(
             self.vlm,
-            attn=attn,
+            attn=self.attn,
             freeze=cfg.freeze,
             lora=cfg.lora,
             gradient_checkpointing=cfg.gradient_checkpointing,
             image_size=cfg.image_size,
-            resolution_sizes=sizes,
+            resolution_sizes=self.sizes,
         )
-        self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        self.trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
 
-        self.dataset = setup_data(self.vlm, cfg.data, cfg.max_length, set(sizes))
+    def setup_data(self) -> None:
+        cfg = self.cfg
+        self.dataset = read_data(self.vlm, cfg.data, cfg.max_length, set(self.sizes))
         steps_per_epoch = len(self.dataset) // cfg.global_batch_size
         self.total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
 
+    def setup_optimizer(self) -> None:
+        """Optimizer and schedule, then the model and optimizer wrapped for the launch."""
+        cfg, acc = self.cfg, self.accelerator
         optimizer = make_optimizer(
-            [p for p in model.parameters() if p.requires_grad],
+            [p for p in self.model.parameters() if p.requires_grad],
             cfg.lr,
             cfg.betas,
             cfg.weight_decay,
@@ -321,14 +348,16 @@ class StageRecipe:
             self.total_steps,
             cfg.min_lr_ratio,
         )
-        self.model, self.optimizer = prepare(acc, model, optimizer, self.base)
+        self.model, self.optimizer = prepare(acc, self.model, optimizer, self.base)
         self.params = [p for p in self.model.parameters() if p.requires_grad]  # FSDP: its shards
 
-        self.start_step, self.history = 0, []
-        ckpt = latest_checkpoint(cfg.output_dir) if resume else None
-        if ckpt is not None:
-            self.start_step, self.history = load_checkpoint(acc, ckpt, self.scheduler)
+    def resume(self) -> tuple[int, list[dict]]:
+        """The step and history of the newest complete checkpoint, its state restored (none: 0, [])."""
+        ckpt = latest_checkpoint(self.cfg.output_dir)
+        return (0, []) if ckpt is None else load_checkpoint(self.accelerator, ckpt, self.scheduler)
 
+    def setup_loader(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
         sampler = GlobalBatchSampler(
             len(self.dataset),
             cfg.global_batch_size,
@@ -342,17 +371,19 @@ class StageRecipe:
             size_at=cfg.image_size_at,
             packed=cfg.packing == "soft",
         )
-        varlen = attn in ("varlen", "flash_attention_2")  # per-sample cost: the micro-batch in one row
+        varlen = self.attn in ("varlen", "flash_attention_2")  # per-sample cost: the micro-batch in one row
         collate = make_collator(
             self.vlm, cfg.packing, None if varlen else cfg.max_length, cfg.loss_normalization
         )
-        cuda = acc.device.type == "cuda"
-        self.loader = setup_loader(
-            self.dataset, sampler, collate, data_workers(cfg.num_workers, acc.device), cuda
-        )
+        workers = data_workers(cfg.num_workers, acc.device)
+        self.loader = make_loader(self.dataset, sampler, collate, workers, acc.device.type == "cuda")
 
+    def setup_metrics(self) -> None:
+        """TensorBoard, the matmul peak MFU is measured against, and the run's summary line."""
+        cfg, acc = self.cfg, self.accelerator
         acc.init_trackers(cfg.stage.split(":")[0].strip().replace(" ", "_") or "stage")
-        self.peak = cfg.peak_flops or peak_flops(acc.device, torch.bfloat16 if bf16 else torch.float32)
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
+        self.peak = cfg.peak_flops or peak_flops(acc.device, dtype)
         acc.print(
             f"[{cfg.stage}] {len(self.dataset)} samples, {self.total_steps} steps of {cfg.global_batch_size} "
             f"({cfg.micro_batch_size} x {self.accum} accumulation x {acc.num_processes} processes, "
