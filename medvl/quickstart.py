@@ -29,7 +29,7 @@ def run_quickstart(out: Path, size: str = "default", seed: int = 0, log=print) -
     from medvl.eval import evaluate
     from medvl.model.build import build_from_parts, load_preset
     from medvl.model.tokenizer import train_tokenizer
-    from medvl.synth.dataset import read_records
+    from medvl.records import read_rows
     from medvl.synth.templates import build_quickstart_data
     from medvl.train.config import load_config
     from medvl.train.loop import run_stages
@@ -60,7 +60,7 @@ def run_quickstart(out: Path, size: str = "default", seed: int = 0, log=print) -
     lap("pretrain_llm")
 
     log("3/7 pretraining the tiny vision tower on the image labels")
-    records = read_records(Path(paths["records"]))
+    records = read_rows(Path(paths["records"]))
     vision_losses = pretrain_vision(
         spec, records, out / "data", out / "parts" / "vision", steps=sz["vision_steps"], seed=seed, log=log
     )

@@ -16,7 +16,8 @@ from PIL import Image
 from medvl.imaging import CT_WINDOWS as WINDOWS
 from medvl.imaging import window
 from medvl.prompts import IMAGE_TOKEN, MC_INSTRUCTION
-from medvl.synth.dataset import read_records, write_synthetic
+from medvl.records import read_rows
+from medvl.synth.dataset import write_synthetic
 from medvl.synth.images import (
     ANATOMIES,
     BODY_REGIONS,
@@ -203,7 +204,7 @@ def test_write_synthetic_deterministic(tmp_path: Path) -> None:
 
 
 def test_records_vocabulary_and_balance(tmp_path: Path) -> None:
-    recs = read_records(write_synthetic(tmp_path, 120, seed=7, size=96))
+    recs = read_rows(write_synthetic(tmp_path, 120, seed=7, size=96))
     assert Counter(r["modality"] for r in recs) == {m: 20 for m in GEN_MODALITIES}
     assert 0.2 < sum(r["finding"] == NO_FINDING for r in recs) / len(recs) < 0.5
     for r in recs:
@@ -246,7 +247,7 @@ def test_quickstart_layout_and_llava_format(quick) -> None:
         "text/corpus.txt",
         "bench/synth_mc.tsv",
     }
-    train, bench = read_records(paths["records"]), read_records(paths["bench_records"])
+    train, bench = read_rows(paths["records"]), read_rows(paths["bench_records"])
     assert not {r["id"] for r in train} & {r["id"] for r in bench}
     assert len(list(paths["images"].glob("*.png"))) == 36 + 18
     caps = json.loads(paths["captions"].read_text())
@@ -273,7 +274,7 @@ def test_quickstart_layout_and_llava_format(quick) -> None:
 
 def test_mc_questions_answer_points_at_label(quick) -> None:
     out, paths = quick
-    train = read_records(paths["records"])
+    train = read_rows(paths["records"])
     by_id = {r["id"]: r for r in train}
     samples = mc_questions(train, np.random.default_rng(0))
     assert {s["category"] for s in samples} == set(OMNIMEDVQA_QUESTION_TYPES)
@@ -298,7 +299,7 @@ def test_mc_questions_answer_points_at_label(quick) -> None:
 
 def test_benchmark_rows_and_tsv_roundtrip(quick) -> None:
     out, paths = quick
-    bench = read_records(paths["bench_records"])
+    bench = read_rows(paths["bench_records"])
     rows = mc_benchmark(bench, np.random.default_rng(0))
     by_image = {r["image"]: r for r in bench}
     field = {

@@ -9,7 +9,6 @@ chat template, so training sees exactly what inference builds; the loss covers a
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -19,32 +18,12 @@ from PIL import Image
 from medvl.imaging import read_image
 from medvl.model.build import VLM
 from medvl.prompts import IMAGE_TOKEN
+from medvl.records import read_rows
 
 # a micro-batch without images gets this sample (see `Collator.filler`)
 FILLER_ID = "<vision filler>"
 IGNORE = -100
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
-def read_records(path: Path) -> list[dict]:
-    """A JSON list or JSONL file of samples; errors name the file and the line."""
-    text = Path(path).read_text(encoding="utf-8")
-    if Path(path).suffix == ".jsonl":
-        rows = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        return rows
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list of samples")
-    return rows
 
 
 @dataclass
@@ -155,7 +134,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.samples: list[Sample] = []
         for path, image_root in sources:
             root = Path(image_root) if image_root else Path(path).parent
-            for i, rec in enumerate(read_records(path)):
+            for i, rec in enumerate(read_rows(path)):
                 self.samples.append(tokenize(vlm, rec, root, max_length, f"{path}[{i}]"))
 
     def __len__(self) -> int:

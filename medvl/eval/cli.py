@@ -5,11 +5,12 @@ from pathlib import Path
 import typer
 
 BENCHES = "mc, gmai-mmbench, omnimedvqa, mmmu, vqa-rad, slake, pathvqa, pmc-vqa"
+REPORT_BENCHES = "iu-xray, mimic-cxr, ct-rate, reports-jsonl"
 
 
 def eval_cmd(
     model: Path = typer.Option(None, help="A medvl model folder (or use --api-base/--api-model)."),
-    bench: str = typer.Option(None, help=f"Benchmark type: {BENCHES}."),
+    bench: str = typer.Option(None, help=f"Benchmark type: {BENCHES}; report generation: {REPORT_BENCHES}."),
     data: Path = typer.Option(None, help="The benchmark's file or folder (see docs/eval.md for each)."),
     out: Path = typer.Option(Path("eval-out"), help="Folder for predictions and the report."),
     api_base: str = typer.Option(None, help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1."),
@@ -17,10 +18,12 @@ def eval_cmd(
     api_key: str = typer.Option(
         None, envvar="OPENAI_API_KEY", help="Key for --api-base (env OPENAI_API_KEY)."
     ),
-    split: str = typer.Option("test", help="SLAKE split file to read (test, validate, train)."),
+    split: str = typer.Option(
+        "test", help="SLAKE split file to read (test, validate, train); reports: test, val or train."
+    ),
     lang: str = typer.Option("en", help="SLAKE question language: en or zh."),
     batch_size: int = typer.Option(16, min=1),
-    max_new_tokens: int = typer.Option(32, min=1),
+    max_new_tokens: int = typer.Option(None, min=1, help="Default 32 (VQA), 256 (reports)."),
     limit: int = typer.Option(None, min=1, help="Only the first N questions (a quick look)."),
     image_check: bool = typer.Option(
         False, help="Also run with blank and shuffled images; flag image-blind models."
@@ -32,6 +35,9 @@ def eval_cmd(
     judge_key: str = typer.Option(None, envvar="MEDVL_JUDGE_API_KEY", help="Key for --judge-base."),
     rescore: Path = typer.Option(None, help="Score this prediction file again instead of running a model."),
     compare: list[Path] = typer.Option(None, help="report.json files to plot side by side (repeatable)."),
+    report_option: list[str] = typer.Option(
+        None, help="Report generation setting KEY=VALUE (repeatable; docs/eval.md, Report generation)."
+    ),
 ) -> None:
     """Evaluate a model on medical VQA benchmarks, with VLMEvalKit-style scoring and published
     reference rows; or re-score a prediction file (--rescore); or compare runs (--compare)."""
@@ -52,6 +58,16 @@ def eval_cmd(
 
         judge = (LLMClient(judge_base, api_key=judge_key), judge_model)
     try:
+        if bench in REPORT_BENCHES.split(", "):
+            from medvl.eval.report_task import report_cli
+
+            typer.echo(
+                report_cli(
+                    model, api_base, api_model, api_key, bench, data, out, rescore,
+                    split, batch_size, max_new_tokens, limit, report_option or [],
+                )
+            )  # fmt: skip
+            return
         if rescore:
             report = rescore_file(rescore, out, bench=bench, judge=judge)
         else:
@@ -71,7 +87,7 @@ def eval_cmd(
                 data,
                 out,
                 batch_size=batch_size,
-                max_new_tokens=max_new_tokens,
+                max_new_tokens=max_new_tokens or 32,
                 limit=limit,
                 image_check=image_check,
                 split=split,

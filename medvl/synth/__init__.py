@@ -1,7 +1,7 @@
 """Embedded default data: procedural labelled medical images, 3D CT phantoms, template instruction data."""
 
 from medvl.imaging import window
-from medvl.synth.dataset import read_records, write_synthetic
+from medvl.synth.dataset import write_synthetic
 from medvl.synth.images import Plan, SynthImage, render, sample_plan, synthesize
 from medvl.synth.phantom import Phantom, make_phantom
 from medvl.synth.templates import build_quickstart_data
@@ -13,7 +13,6 @@ __all__ = [
     "build_quickstart_data",
     "synthesize",
     "make_phantom",
-    "read_records",
     "render",
     "sample_plan",
     "window",

@@ -60,9 +60,3 @@ def write_synthetic(
             rec = {"id": rid, "image": rel, **img.labels(), "width": size, "height": size, "seed": s}
             f.write(json.dumps({k: rec[k] for k in RECORD_KEYS}) + "\n")
     return path
-
-
-def read_records(path: str | Path) -> list[dict]:
-    """Read a JSON-lines records file (blank lines ignored)."""
-    with Path(path).open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]

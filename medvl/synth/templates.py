@@ -20,7 +20,8 @@ import numpy as np
 
 from medvl.imaging import CT_WINDOWS as WINDOWS
 from medvl.prompts import BOX_HINT, OPTION_LETTERS, box_1000, build_prompt, format_box, mc_answer, with_image
-from medvl.synth.dataset import read_records, write_synthetic
+from medvl.records import read_rows
+from medvl.synth.dataset import write_synthetic
 from medvl.synth.images import (
     ANATOMIES,
     FINDINGS,
@@ -388,7 +389,7 @@ def build_quickstart_data(
     bench_path = write_synthetic(
         out, n_bench, seed, size, prefix="bench", stream=1, records_name="bench_records.jsonl"
     )
-    train, bench = read_records(rec_path), read_records(bench_path)
+    train, bench = read_rows(rec_path), read_rows(bench_path)
     rng = np.random.default_rng([seed, 2])
     caps, regs = captions(train, rng), region_captions(train, rng)
     instruct = (
