@@ -213,3 +213,23 @@ def test_pipeline_cli_chains_stages_from_the_previous_final(tmp_path, tiny_model
     bad = stage_yaml(tmp_path, tiny_model_dir, train_data, "p3", epochs="many")
     res = CliRunner().invoke(app, ["pipeline", str(s1), str(bad)])
     assert res.exit_code != 0 and "p3.yaml" in str(res.exception)
+
+
+def test_checkpoints_carry_the_preprocessing_they_were_trained_with(tmp_path, tiny_model_dir, train_data):
+    from medvl.imaging import Preprocessing
+    from medvl.model.build import load_preprocessing, save_preprocessing
+
+    lung = Preprocessing(ct_window="lung", percentiles=(1.0, 99.0))
+    assert lung != load_preprocessing(tiny_model_dir)
+    save_preprocessing(lung, tmp_path)
+    given = train_stage(
+        load_config(stage_yaml(tmp_path, tiny_model_dir, train_data, "given", max_steps=1,
+                               preprocessing=str(tmp_path / "preprocessing.json")))
+    )
+    assert load_preprocessing(given) == lung
+    # Without one, the next stage keeps its starting model's, so a pipeline carries it to the end.
+    kept = train_stage(load_config(stage_yaml(tmp_path, given, train_data, "kept", max_steps=1)))
+    assert load_preprocessing(kept) == lung and (kept / "preprocessing.json").is_file()
+    with pytest.raises(ValueError, match="absent.json: preprocessing: file not found"):
+        train_stage(load_config(stage_yaml(tmp_path, given, train_data, "bad", max_steps=1,
+                                           preprocessing=str(tmp_path / "absent.json"))))

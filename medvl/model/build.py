@@ -269,9 +269,14 @@ def save_preprocessing(preprocessing: Preprocessing, folder: str | Path) -> None
 
 
 def load_preprocessing(folder: str | Path) -> Preprocessing:
-    """A model folder's preprocessing; medvl's default for a folder without one (e.g. a stock LLaVA
-    model)."""
-    path = Path(folder) / PREPROCESSING_FILE
+    """A model folder's preprocessing (or a preprocessing JSON file itself); medvl's default for a
+    folder without one (e.g. a stock LLaVA model)."""
+    path = Path(folder)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise InputError(str(path), "preprocessing", "file not found")
+    else:
+        path = path / PREPROCESSING_FILE
     if not path.exists():
         return Preprocessing()
     try:

@@ -55,6 +55,9 @@ class StageConfig(Strict):
     stage: str  # a human name, e.g. "I: shallow alignment"
     model: Path  # folder of the model to start from (a build, or the previous stage's final/)
     output_dir: Path
+    # How DICOM/NIfTI training files become pixels (a preprocessing JSON, e.g. the `preprocessing` of
+    # the curated records); saved with the checkpoint. Default: the starting model's.
+    preprocessing: Path | None = None
     data: list[DataSource] = Field(min_length=1)
 
     freeze: Freeze
@@ -154,6 +157,7 @@ def load_config(path: str | Path, base_dir: Path | None = None, **overrides) -> 
     if base_dir is not None:
         cfg.model = base_dir / cfg.model
         cfg.output_dir = base_dir / cfg.output_dir
+        cfg.preprocessing = base_dir / cfg.preprocessing if cfg.preprocessing else None
         for d in cfg.data:
             d.path = base_dir / d.path
             d.image_root = base_dir / d.image_root if d.image_root else None

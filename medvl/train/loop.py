@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from medvl.data.conversations import IGNORE, Collator, ConversationDataset
 from medvl.data.packing import PackedCollator
 from medvl.model.attention import register_varlen
-from medvl.model.build import VLM, load
+from medvl.model.build import VLM, load, load_preprocessing
 from medvl.train import lora as lora_lib
 from medvl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_final
 from medvl.train.config import DataSource, Freeze, Lora, StageConfig
@@ -303,6 +303,8 @@ class StageRecipe:
 
     def load_model(self) -> None:
         self.vlm = load_weights(self.cfg.model, self.cfg.lora)
+        if self.cfg.preprocessing:  # the training data's, when it differs from the starting model's
+            self.vlm.preprocessing = load_preprocessing(self.cfg.preprocessing)
         self.base = self.vlm.model  # the transformers model under any wrapper: what FLOPs are counted on
 
     def setup_accelerator(self) -> None:
@@ -434,6 +436,7 @@ class StageRecipe:
                 trainable=self.trainable,
                 lora=cfg.lora,
                 base=cfg.model,
+                preprocessing=self.vlm.preprocessing,
             )
         if acc.is_main_process:
             (cfg.output_dir / "history.json").write_text(json.dumps(self.history))

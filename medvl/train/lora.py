@@ -11,7 +11,7 @@ from accelerate import PartialState
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from medvl.model.build import VLM
+from medvl.model.build import VLM, load_preprocessing
 from medvl.train.config import Lora
 
 # The linear layers of a decoder block (Llama, Qwen2, Mistral, InternLM2 ports) and of a CLIP/SigLIP
@@ -76,7 +76,11 @@ def load_4bit(folder: Path, lora: Lora) -> VLM:
     )
     processor = AutoProcessor.from_pretrained(folder)
     processor.tokenizer.padding_side = "left"
-    return VLM(prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), processor)
+    return VLM(
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False),
+        processor,
+        load_preprocessing(folder),
+    )
 
 
 def add_adapters(model: LlavaForConditionalGeneration, lora: Lora) -> PeftModel:
