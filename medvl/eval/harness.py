@@ -31,7 +31,7 @@ DEFAULT_MAX_NEW_TOKENS = 32  # answers are a letter, a word or a phrase
 
 class Answerer(Protocol):
     name: str
-    image_size: int | None  # images are read at this size (load_image), None: as they are
+    image_size: int | None  # images are read at this size (medvl.imaging.read_image), None: as they are
 
     def answer(self, prompts: list[tuple[str, list[Image.Image]]], max_new_tokens: int) -> list[str]: ...
 
