@@ -9,11 +9,8 @@ import base64
 import io
 import json
 import shutil
-import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +25,7 @@ import torch
 import yaml
 from PIL import Image
 from pydicom.data import get_testdata_file
+from test_serve import serving as serving_app
 
 from medvl.errors import InputError
 from medvl.imaging import DEFAULT_PREPROCESSING, Preprocessing, read_image, read_volume
@@ -145,31 +143,13 @@ class TowerInputs:
         return self.seen.pop()[0]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def serving(vlm) -> Iterator[str]:
     """`medvl serve`'s FastAPI app on a real uvicorn server on a loopback port."""
-    import uvicorn
-
     from medvl.serve.api import ServeSettings, create_app
 
-    app = create_app(vlm, ServeSettings(model_name="tiny", max_tokens=8))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "server failed to start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with serving_app(create_app(vlm, ServeSettings(model_name="tiny", max_tokens=8))) as url:
+        yield url
 
 
 def ask(url: str, data: bytes, mime: str = "application/dicom") -> httpx.Response:
