@@ -1,6 +1,7 @@
 """The web demo in a real headless Chromium (Debian's `chromium`, driven by Playwright): upload a DICOM
 file, ask, watch the answer arrive, ask again, change the image. Screenshots go to the test's tmp
-dir; with MEDVL_DOCS_SCREENSHOT=1 the first one also refreshes docs/ui-screenshot.png."""
+dir. docs/ui-screenshot.png comes from `test_docs_screenshot`, run by hand with a trained model:
+MEDVL_DOCS_MODEL=runs/quickstart/stage3/final MEDVL_DOCS_IMAGE=<a real scan> pytest tests/test_ui.py."""
 
 from __future__ import annotations
 
@@ -119,7 +120,39 @@ def test_upload_ask_and_see_the_answer(tmp_path):
         demo.close()
     assert external == []  # the page asked nothing of the internet
     assert (tmp_path / "ui-ct.png").stat().st_size > 10_000
-    if os.environ.get("MEDVL_DOCS_SCREENSHOT"):
-        shutil.copy(
-            tmp_path / "ui-ct.png", Path(__file__).resolve().parent.parent / "docs" / "ui-screenshot.png"
-        )
+
+
+@pytest.mark.skipif(not os.environ.get("MEDVL_DOCS_MODEL"), reason="MEDVL_DOCS_MODEL not set")
+def test_docs_screenshot(tmp_path):
+    """The documentation's screenshot: a trained model (MEDVL_DOCS_MODEL) answering in the demo about
+    a real image (MEDVL_DOCS_IMAGE); the answer on the page must be the model's own."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    from playwright.sync_api import expect, sync_playwright
+
+    from medvl.serve.ui import launch
+
+    vlm = load(os.environ["MEDVL_DOCS_MODEL"])
+    image = os.environ["MEDVL_DOCS_IMAGE"]
+    question = os.environ.get("MEDVL_DOCS_QUESTION", "What imaging modality was used to acquire this image?")
+    size = vlm.model.config.vision_config.image_size
+    want = expected(vlm, [], question, read_image(image, vlm.preprocessing, size=size))
+    port = free_port()
+    demo = launch(vlm, port=port, max_new_tokens=MAX_NEW_TOKENS)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.locator("#upload input[type=file]").set_input_files(image)
+            expect(page.locator("#preview img")).to_be_visible(timeout=30_000)
+            page.locator("#question textarea").fill(question)
+            page.locator("#question textarea").press("Enter")
+            bot = page.locator("#chat [data-testid=bot]")
+            expect(bot).to_have_count(1, timeout=60_000)
+            wait_for_answer(bot.last, want)
+            page.screenshot(path=tmp_path / "shot.png", full_page=True)
+            browser.close()
+    finally:
+        demo.close()
+    shutil.copy(tmp_path / "shot.png", Path(__file__).resolve().parent.parent / "docs" / "ui-screenshot.png")
+    print(f"{image}: {question!r} -> {want!r}")
