@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from medvl.model.build import build_from_parts, list_presets, load, load_preset
-from medvl.model.generate import generate, user_turn
+from medvl.model.decode import generate, user_turn
 from medvl.prompts import IMAGE_TOKEN
 
 REPO = Path(__file__).resolve().parent.parent

@@ -34,7 +34,7 @@ from typer.testing import CliRunner
 from medvl import RESEARCH_ONLY
 from medvl.imaging import read_image
 from medvl.model.build import VLM, build_preset, load
-from medvl.model.generate import Completion, generate, user_turn
+from medvl.model.decode import Completion, generate, user_turn
 from medvl.model.tokenizer import train_tokenizer
 from medvl.serve.api import ServeSettings, create_app
 from medvl.serve.limits import PromptCounter

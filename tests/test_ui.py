@@ -17,7 +17,7 @@ from test_serve import build_tiny_model, free_port
 from medvl import RESEARCH_ONLY
 from medvl.imaging import read_image
 from medvl.model.build import load
-from medvl.model.generate import Conversation, generate
+from medvl.model.decode import Conversation, generate
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

@@ -45,7 +45,7 @@ class LocalModel:
         self.preprocessing = vlm.preprocessing  # DICOM files are read as the checkpoint says
 
     def answer(self, prompts: list[tuple[str, list[Image.Image]]], max_new_tokens: int) -> list[str]:
-        from medvl.model.generate import Conversation, generate
+        from medvl.model.decode import Conversation, generate
 
         conversations = [
             Conversation(

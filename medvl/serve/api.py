@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from medvl import RESEARCH_ONLY
 from medvl.imaging import Preprocessing, read_image
 from medvl.model.build import VLM
-from medvl.model.generate import Completion, Conversation
+from medvl.model.decode import Completion, Conversation
 from medvl.serve.batcher import Batcher, QueueFull, Sampling
 from medvl.serve.limits import PromptCounter
 

@@ -1,5 +1,5 @@
 """Dynamic batching: one worker thread owns the model and runs queued requests in batches through
-`medvl.model.generate.generate`, the same path as `medvl chat` and `medvl eval`.
+`medvl.model.decode.generate`, the same path as `medvl chat` and `medvl eval`.
 
 Which requests share a batch:
 - greedy requests (temperature 0) with the same stop strings, whatever their `max_tokens`: the batch
@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from medvl.model.build import VLM
-from medvl.model.generate import Completion, Conversation, generate
+from medvl.model.decode import Completion, Conversation, generate
 
 log = logging.getLogger("medvl.serve")
 

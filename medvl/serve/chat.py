@@ -20,7 +20,7 @@ def chat(
     from medvl import RESEARCH_ONLY
     from medvl.imaging import read_image
     from medvl.model.build import load, load_preprocessing
-    from medvl.model.generate import Conversation, generate
+    from medvl.model.decode import Conversation, generate
 
     img = None
     if image is not None:

@@ -6,7 +6,7 @@ import copy
 import threading
 
 from medvl.model.build import VLM
-from medvl.model.generate import Conversation
+from medvl.model.decode import Conversation
 
 
 class PromptCounter:

@@ -17,7 +17,7 @@ from PIL import Image  # noqa: E402
 from medvl import RESEARCH_ONLY  # noqa: E402
 from medvl.imaging import read_image  # noqa: E402
 from medvl.model.build import VLM  # noqa: E402
-from medvl.model.generate import Conversation  # noqa: E402
+from medvl.model.decode import Conversation  # noqa: E402
 from medvl.serve.batcher import Batcher, QueueFull, Sampling  # noqa: E402
 from medvl.serve.limits import PromptCounter  # noqa: E402
 

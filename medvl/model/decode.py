@@ -1,4 +1,4 @@
-"""Batched generation: the one path that `medvl chat`, `medvl eval` and `medvl serve` share.
+"""Batched decoding (transformers' `generate`): the one path `medvl chat`, `eval` and `serve` share.
 
 A conversation is a list of messages in the transformers/OpenAI shape; images are given beside it in
 the order their `{"type": "image"}` parts appear. The prompt comes from the processor's chat
