@@ -1,13 +1,14 @@
 """The optimizer and learning-rate schedule, shared by the stages and the pretraining of the tiny
-parts: AdamW, and transformers' schedules with a linear warm-up."""
+parts: AdamW, and a linear warm-up then cosine (or constant) schedule."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from functools import partial
 from typing import Literal
 
 import torch
-from transformers import get_scheduler
 
 
 def make_optimizer(
@@ -37,18 +38,25 @@ def lr_scheduler(
     total_steps: int,
     min_lr_ratio: float = 0.0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """transformers' schedules, stepped once per optimizer step: a linear warm-up from 0 over
-    `warmup_steps` (step s of the warm-up trains at s / warmup_steps of the peak, so step 0 at 0: with
-    3 warm-up steps the first only fills AdamW's moments; with none the first step is at the peak),
-    then `cosine` decay to `min_lr_ratio` x the peak at `total_steps`, or `constant` at the peak."""
-    if schedule == "cosine":
-        return get_scheduler(
-            "cosine_with_min_lr",
-            optimizer,
-            num_warmup_steps=warmup_steps,
-            num_training_steps=total_steps,
-            scheduler_specific_kwargs={"min_lr_rate": min_lr_ratio},
-        )
+    """Stepped once per optimizer step: a linear warm-up whose step s trains at (s + 1) / warmup_steps
+    of the peak, then `cosine` decay to `min_lr_ratio` x the peak at `total_steps` (the curve of
+    transformers' `cosine_with_min_lr`), or `constant` at the peak.
+
+    Why not transformers' schedules as they are: their warm-up is s / warmup_steps, so the first step
+    trains at lr 0 and only fills AdamW's moments. With few warm-up steps that is not a detail: the
+    quickstart's stage I has 3, and switching pretraining and stages to transformers' warm-up took
+    the quickstart model from 64.7% to 39.4% on its held-out benchmark (modality 100% -> 55.7%, seed 0,
+    same data), failing two of its checks."""
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"unknown lr schedule {schedule!r}: cosine or constant")
+    factor = partial(_lr_factor, schedule, warmup_steps, total_steps, min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _lr_factor(schedule: str, warmup: int, total: int, min_ratio: float, step: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
     if schedule == "constant":
-        return get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=warmup_steps)
-    raise ValueError(f"unknown lr schedule {schedule!r}: cosine or constant")
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
