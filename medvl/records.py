@@ -4,7 +4,8 @@
   YAML file fails loudly instead of being ignored).
 - `CURATED_COLUMNS`: the curated-record schema (`medvl curate` writes it, generation reads it), one
   documented entry per column; `curated_features()` / `curated_schema()` give it as Hugging Face
-  features / an Arrow schema.
+  features / an Arrow schema. Columns added later carry a default that `with_defaults(row)` fills in for
+  rows of older curated sets (which `read_rows` returns as they are).
 - `read_rows(path)`: a JSON list, JSONL or Parquet file (or a folder of Parquet files) as dicts.
 """
 
@@ -36,6 +37,9 @@ class Column:
     name: str
     type: str  # "string" | "int32" | "image" | "strings" (a list) | "boxes" (a list of pixel boxes)
     doc: str
+    # What a reader assumes when a file written before this column existed lacks it (`with_defaults`);
+    # None: the column has always been written.
+    default: str | None = None
 
 
 CURATED_COLUMNS: tuple[Column, ...] = (
@@ -66,7 +70,11 @@ CURATED_COLUMNS: tuple[Column, ...] = (
     Column("license", "string", "The source's licence, as its card states it."),
     Column("file", "string", "The source file (or series folder), relative to the card's root."),
     Column("index", "int32", "Slice or frame index within `file`; -1 for a plain 2D image."),
-    Column("index_kind", "string", '"slice", "frame", or empty for a plain 2D image.'),
+    Column(
+        "index_kind",
+        "string",
+        '"slice", "frame", "row" (a row of an array file such as an .npz), or empty for a plain 2D image.',
+    ),
     Column("sha256", "string", "SHA-256 of the decoded pixels (exact-duplicate key, format-independent)."),
     Column("phash", "string", "64-bit perceptual hash of the image, 16 hex digits (near-duplicate key)."),
     Column(
@@ -83,7 +91,38 @@ CURATED_COLUMNS: tuple[Column, ...] = (
         "JSON `medvl.imaging.Preprocessing` the source file was rendered with (CT window policy, "
         "percentiles, max side); a model trained on the record is served with the same.",
     ),
+    Column(
+        "split",
+        "string",
+        '"train", "validation" or "test" as the source defines it (the card\'s `split`), never guessed; '
+        '"" when the source defines none or does not list the item.',
+        default="",
+    ),
+    Column(
+        "annotation",
+        "string",
+        'JSON `{"exhaustive": bool, "label_space": [sorted labels]}`: the card\'s label space, and whether '
+        "the source annotates every one of them on every image (then a label absent from `labels` is a "
+        "verified negative).",
+        default=json.dumps({"exhaustive": False, "label_space": []}),
+    ),
+    Column(
+        "regions",
+        "string",
+        'JSON list, one entry per label of a mask: `{"label", "area_share" (label pixels / image pixels), '
+        '"cx", "cy" (centroid, 0-1 of width / height), "x_min", "y_min", "x_max", "y_max" (pixels, maxima '
+        "exclusive)}`; `[]` when the source has no mask.",
+        default="[]",
+    ),
 )
+
+
+def with_defaults(row: dict) -> dict:
+    """A curated row with every column added since it was written set to its documented default
+    (`split` "", `annotation` not exhaustive with an empty label space, `regions` []), so readers of
+    older curated sets need no special case."""
+    missing = {c.name: c.default for c in CURATED_COLUMNS if c.default is not None and c.name not in row}
+    return {**missing, **row}
 
 
 def curated_features() -> datasets.Features:

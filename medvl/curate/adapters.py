@@ -11,6 +11,7 @@ import math
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -32,9 +33,9 @@ from medvl.imaging import (
     to_lps,
     volume_planes,
 )
-from medvl.records import Strict
+from medvl.records import Strict, read_rows
 
-from .images import as_label_array, mask_boxes, slice_presence
+from .images import as_label_array, mask_boxes, mask_regions, slice_presence
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 
@@ -50,6 +51,8 @@ class SourceImage:
     labels: list[str] = field(default_factory=list)
     boxes: list[dict] = field(default_factory=list)  # authoritative boxes
     mask_boxes: list[dict] = field(default_factory=list)  # derived from a mask, when boxes were also given
+    regions: list[dict] = field(default_factory=list)  # per label of a mask (images.mask_regions)
+    splits: list[str] = field(default_factory=list)  # the source's own split names for it (`from: index`)
     modality: str | None = None  # source spelling; None: the card's
     body_region: str | None = None  # source spelling; None: the card's
     meta: dict = field(default_factory=dict)
@@ -82,13 +85,16 @@ def register(name: str):
     return deco
 
 
-def _files(root: Path, pattern: str, exts: set[str] | None = IMAGE_EXTS) -> list[str]:
+def _files(
+    root: Path, pattern: str, exts: set[str] | None = IMAGE_EXTS, exclude: str | None = None
+) -> list[str]:
     if not root.is_dir():
         raise FileNotFoundError(f"source root {root} does not exist")
     return sorted(
         p.relative_to(root).as_posix()
         for p in root.glob(pattern)
         if (p.is_file() and (exts is None or p.suffix.lower() in exts))
+        and not (exclude and p.relative_to(root).match(exclude))
     )
 
 
@@ -118,49 +124,230 @@ class FolderPerClass:
 
 @register("table")
 class LabelTable:
-    """A CSV or JSON (list of objects) label file: one row per image, one or several labels."""
+    """CSV or JSON / JSONL label files (a glob: several tables are read in name order): one row per image
+    with one or several labels, optionally its modality, body region and a box."""
 
     class Options(Strict):
-        file: str
+        file: str  # a file name or a glob, relative to the root
         image_column: str = "image"
-        label_column: str = "label"
+        label_column: str | list[str] = "label"  # several: the labels of every column, in column order
         separator: str | None = None  # multi-label cells, e.g. "|"
+        skip_labels: list[str] = []  # cell values that are no label (e.g. "no finding")
+        label_formats: dict[
+            str, str
+        ] = {}  # column -> how its values read as labels, e.g. {grade: "grade {}"}
         images_dir: str = ""
+        modality_column: str | None = None  # per-row modality (else the card's)
+        region_column: str | None = None  # per-row body region (mapped by body_region_map)
+        box_column: str | None = None  # [x_min, y_min, x_max, y_max] in pixels, maxima exclusive, or empty
+        box_label_column: str | None = None  # the box's label (default: the row's first label)
 
     @staticmethod
     def items(card, opts, root: Path) -> list[dict]:
-        path = root / opts.file
-        if path.suffix.lower() == ".json":
-            rows = json.loads(path.read_text())
-            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-                raise ValueError(f"{path}: expected a JSON list of objects, one per image")
-        else:
-            with path.open(newline="") as f:
-                rows = list(csv.DictReader(f))
-        # A column the card names but the table lacks is a card error for every row: stop, do not quarantine.
-        for col in (opts.image_column, opts.label_column):
-            if rows and col not in rows[0]:
-                raise ValueError(f"{path}: no column {col!r} (columns: {', '.join(map(str, rows[0]))})")
+        files = _files(root, opts.file, None)
+        if not files:
+            raise ValueError(f"{root / opts.file}: no label table matches")
+        label_cols = [opts.label_column] if isinstance(opts.label_column, str) else opts.label_column
+        optional = [opts.modality_column, opts.region_column, opts.box_column, opts.box_label_column]
         items = []
-        for n, row in enumerate(rows):
-            rel = (Path(opts.images_dir) / str(row.get(opts.image_column, ""))).as_posix()
-            raw = row.get(opts.label_column)
-            labels = (
-                raw if isinstance(raw, list) else [] if raw in (None, "") else str(raw).split(opts.separator)
-            )
-            items.append(
-                {"id": f"{opts.file}#{n}", "file": rel, "labels": [s.strip() for s in map(str, labels)]}
-            )
+        for file in files:
+            rows = _table_rows(root / file)
+            # A column the card names but the table lacks is a card error for every row: stop, do not
+            # quarantine.
+            for col in [opts.image_column, *label_cols, *(c for c in optional if c)]:
+                if rows and col not in rows[0]:
+                    raise ValueError(
+                        f"{root / file}: no column {col!r} (columns: {', '.join(map(str, rows[0]))})"
+                    )
+            for n, row in enumerate(rows):
+                labels = [
+                    opts.label_formats.get(col, "{}").format(x)
+                    for col in label_cols
+                    for x in _cell_labels(row.get(col), opts.separator)
+                    if x not in opts.skip_labels
+                ]
+                items.append(
+                    {
+                        "id": f"{file}#{n}",
+                        "file": (Path(opts.images_dir) / str(row.get(opts.image_column, ""))).as_posix(),
+                        "labels": labels,
+                        "modality": (row.get(opts.modality_column) if opts.modality_column else None) or None,
+                        "region": (row.get(opts.region_column) if opts.region_column else None) or None,
+                        "box": row.get(opts.box_column) if opts.box_column else None,
+                        "box_label": row.get(opts.box_label_column) if opts.box_label_column else None,
+                    }
+                )
         return items
 
     @staticmethod
     def load(card, opts, root: Path, item: dict) -> Iterator[SourceImage]:
         if not item["labels"]:
-            raise InputError(item["id"], opts.label_column, "empty label")
+            raise InputError(item["id"], "labels", "empty label")
         if not (root / item["file"]).is_file():
             raise InputError(item["id"], opts.image_column, f"image {item['file']} not found")
         im = open_image(root / item["file"], item["file"], max_pixels=card.max_pixels)
-        yield SourceImage(_display(card, im), item["file"], labels=item["labels"])
+        boxes = []
+        if item["box"] not in (None, "", []):
+            box = item["box"]
+            if isinstance(box, str):
+                box = box.replace(",", " ").split()
+            try:
+                x0, y0, x1, y1 = (float(v) for v in box)
+            except (TypeError, ValueError):
+                raise InputError(
+                    item["id"], opts.box_column, f"expected [x_min, y_min, x_max, y_max], got {box!r}"
+                ) from None
+            label = str(item["box_label"] or item["labels"][0])
+            boxes = [dict(label=label, x_min=x0, y_min=y0, x_max=x1, y_max=y1)]
+        yield SourceImage(
+            _display(card, im),
+            item["file"],
+            labels=item["labels"],
+            boxes=boxes,
+            modality=item["modality"],
+            body_region=item["region"],
+        )
+
+
+def _table_rows(path: Path) -> list[dict]:
+    """Rows of a CSV file, a JSON list of objects or a JSONL file."""
+    if path.suffix.lower() in (".json", ".jsonl"):
+        rows = read_rows(path)
+    else:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    return rows
+
+
+def _cell_labels(raw, separator: str | None) -> list[str]:
+    """A table cell as labels: a JSON list, a separated string, or nothing (None, "")."""
+    if raw is None or raw == "":
+        return []
+    # No separator: the cell is one label ("pleural effusion"), not split at spaces.
+    values = raw if isinstance(raw, list) else str(raw).split(separator) if separator else [raw]
+    return [s.strip() for s in map(str, values) if s.strip()]
+
+
+@register("npz")
+class NpzArrays:
+    """MedMNIST's layout: an .npz per dataset with `<split>_images` (N, H, W) or (N, H, W, 3) uint8 and
+    `<split>_labels` (N,) or (N, 1) class indices (the card's `label_names` name them) or (N, K) 0/1
+    multi-label columns. Records are array rows (`file` "x.npz/train_images", `index` the row); an item is
+    a run of `rows_per_item` rows, so a large array is not read once per image."""
+
+    SPLITS = True  # the array prefix is the split (train, val, test)
+
+    class Options(Strict):
+        files: str = "*.npz"
+        splits: list[str] = ["train", "val", "test"]  # array prefixes read, in this order
+        rows_per_item: int = Field(256, ge=1)
+
+    @staticmethod
+    def items(card, opts, root: Path) -> list[dict]:
+        items = []
+        for rel in _files(root, opts.files, {".npz"}):
+            names, rows = _npz_header(root / rel)
+            for prefix in opts.splits:
+                if f"{prefix}_images" not in names and f"{prefix}_labels" not in names:
+                    continue
+                n = rows.get(f"{prefix}_images")
+                # An unreadable header (n None) still makes an item: load() quarantines it, saying why.
+                for start in range(0, n or 1, opts.rows_per_item):
+                    items.append(
+                        {"id": f"{rel}/{prefix}#{start}", "file": rel, "prefix": prefix, "start": start}
+                    )
+            if not any(f"{p}_images" in names or f"{p}_labels" in names for p in opts.splits):
+                items.append({"id": rel, "file": rel, "prefix": None, "start": 0})
+        return items
+
+    @staticmethod
+    def load(card, opts, root: Path, item: dict) -> Iterator[SourceImage]:
+        rel, prefix = item["file"], item["prefix"]
+        if prefix is None:
+            raise InputError(rel, "arrays", f"no {'/'.join(opts.splits)}_images arrays")
+        images, labels = _npz_arrays(root / rel, rel, prefix)
+        stop = min(len(images), item["start"] + opts.rows_per_item)
+        for i in range(item["start"], stop):
+            # (N, K) labels are multi-label indicators: the columns set to 1
+            values = [int(labels[i])] if labels.ndim == 1 else [int(k) for k in np.nonzero(labels[i])[0]]
+            unknown = [v for v in values if v not in card.label_names]
+            if unknown:
+                raise InputError(
+                    f"{rel}/{prefix}_labels#{i}",
+                    "label_names",
+                    f"class {unknown[0]} is not in the card's label_names",
+                )
+            yield SourceImage(
+                np.ascontiguousarray(images[i]),
+                f"{rel}/{prefix}_images",
+                i,
+                "row",
+                labels=[card.label_names[v] for v in values],
+                splits=[prefix],
+            )
+
+
+def _npz_header(path: Path) -> tuple[set[str], dict[str, int | None]]:
+    """Array names of an .npz and their lengths, from the .npy headers only (nothing decompressed beyond
+    them); a length is None where the header cannot be read."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names, rows = set(), {}
+            for member in z.namelist():
+                name = member.removesuffix(".npy")
+                names.add(name)
+                try:
+                    with z.open(member) as f:
+                        major, _ = np.lib.format.read_magic(f)
+                        read = (
+                            np.lib.format.read_array_header_1_0
+                            if major == 1
+                            else np.lib.format.read_array_header_2_0
+                        )
+                        shape = read(f)[0]
+                    rows[name] = shape[0] if shape else None
+                except (ValueError, OSError, zipfile.BadZipFile):
+                    rows[name] = None
+            return names, rows
+    except (zipfile.BadZipFile, OSError):
+        return set(), {}
+
+
+@lru_cache(maxsize=2)
+def _npz_arrays(path: Path, rel: str, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    """`<prefix>_images` and `<prefix>_labels` of an .npz, checked (cached: an item is a run of rows)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {}
+            for kind in ("images", "labels"):
+                name = f"{prefix}_{kind}"
+                if name not in z.files:
+                    raise InputError(rel, name, "array missing")
+                arrays[kind] = z[name]
+    except InputError:
+        raise
+    except Exception as e:  # zipfile, numpy and zlib raise several types for a damaged archive
+        raise InputError(rel, f"{prefix}_images", f"not a readable .npz ({type(e).__name__})") from None
+    images, labels = arrays["images"], arrays["labels"]
+    if images.dtype != np.uint8 or not (images.ndim == 3 or (images.ndim == 4 and images.shape[3] == 3)):
+        raise InputError(
+            rel,
+            f"{prefix}_images",
+            f"expected uint8 (N, H, W) or (N, H, W, 3), got {images.dtype} {images.shape}",
+        )
+    if labels.dtype.kind not in "iub" or labels.ndim not in (1, 2):
+        raise InputError(
+            rel,
+            f"{prefix}_labels",
+            f"expected integer (N,), (N, 1) or (N, K), got {labels.dtype} {labels.shape}",
+        )
+    if len(labels) != len(images):
+        raise InputError(rel, f"{prefix}_labels", f"{len(labels)} labels for {len(images)} images")
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    return images, labels
 
 
 # ---------------------------------------------------------------- 2D detection
@@ -258,17 +445,25 @@ class PerImageJson:
         index_region_key: str = "location"
         index_prefix: str = "imgs/"
 
+    SPLITS = True  # an index file's name is its split (train.json, validate.json, test.json)
+
     @staticmethod
     def items(card, opts, root: Path) -> list[dict]:
         info: dict[str, tuple[str, str]] = {}
+        splits: dict[str, list[str]] = {}
         for f in opts.index_files:
             for row in json.loads((root / f).read_text()):
-                info[opts.index_prefix + row[opts.index_image_key]] = (
-                    row[opts.index_modality_key],
-                    row[opts.index_region_key],
-                )
+                key = opts.index_prefix + row[opts.index_image_key]
+                info[key] = (row[opts.index_modality_key], row[opts.index_region_key])
+                if Path(f).stem not in splits.setdefault(key, []):
+                    splits[key].append(Path(f).stem)
         return [
-            {"id": f, "modality": info.get(f, (None, None))[0], "region": info.get(f, (None, None))[1]}
+            {
+                "id": f,
+                "modality": info.get(f, (None, None))[0],
+                "region": info.get(f, (None, None))[1],
+                "splits": splits.get(f, []),
+            }
             for f in _files(root, opts.images)
         ]
 
@@ -285,7 +480,7 @@ class PerImageJson:
             raise InputError(box_rel, "boxes", "box file missing") from None
         except (ValueError, TypeError, AttributeError) as e:
             raise InputError(box_rel, "boxes", f"expected a list of {{label: [x, y, w, h]}} ({e})") from None
-        derived, meta = [], {}
+        derived, regions, meta = [], [], {}
         if opts.mask_file and (root / folder / opts.mask_file).is_file():
             mrel = (folder / opts.mask_file).as_posix()
             mask = np.asarray(
@@ -294,6 +489,7 @@ class PerImageJson:
             if mask.shape != (im.size[1], im.size[0]):
                 raise InputError(mrel, "mask", f"mask is {mask.shape[::-1]}, image {rel} is {im.size}")
             derived, meta = mask_boxes(mask, card.label_names), {"mask": mrel}
+            regions = mask_regions(mask, card.label_names)
         if item["modality"] is None and card.modality is None:
             raise InputError(rel, "modality", "image is in no index file and the card sets no modality")
         yield SourceImage(
@@ -302,9 +498,11 @@ class PerImageJson:
             labels=_uniq(boxes),
             boxes=boxes,
             mask_boxes=derived,
+            regions=regions,
             modality=item["modality"],
             body_region=item["region"],
             meta=meta,
+            splits=item["splits"],
         )
 
 
@@ -340,10 +538,17 @@ class Mask2D:
             rgb = np.asarray(m.convert("RGB")).astype(np.int32)
             code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
             names = {int(c.lstrip("#"), 16): n for c, n in opts.colours.items()}
-            boxes = mask_boxes(code, names)
         else:
-            boxes = mask_boxes(np.asarray(m.convert("L")), card.label_names)
-        yield SourceImage(_display(card, im), rel, labels=_uniq(boxes), boxes=boxes, meta={"mask": mrel})
+            code, names = np.asarray(m.convert("L")), card.label_names
+        boxes = mask_boxes(code, names)
+        yield SourceImage(
+            _display(card, im),
+            rel,
+            labels=_uniq(boxes),
+            boxes=boxes,
+            regions=mask_regions(code, names),
+            meta={"mask": mrel},
+        )
 
 
 # ---------------------------------------------------------------- 3D volumes
@@ -351,6 +556,7 @@ class Mask2D:
 
 class VolumeOptions(Strict):
     images: str = "**/*.nii.gz"
+    exclude: str | None = None  # glob of files matched by `images` that are not images (other label volumes)
     labels: str | None = None  # label volume path template: "{dir}", "{name}", "{stem}" of the image
     axis: Literal["axial", "coronal", "sagittal"] = "axial"
     slices_per_label: int = 5  # evenly spaced slices containing each label
@@ -425,6 +631,7 @@ def slice_volume(
             "slice",
             labels=_uniq(boxes),
             boxes=boxes,
+            regions=[] if lk is None else mask_regions(lk, card.label_names),
             modality=modality,
             body_region=region,
             meta=meta,
@@ -455,7 +662,7 @@ class Nifti:
 
     @staticmethod
     def items(card, opts, root: Path) -> list[dict]:
-        files = _files(root, opts.images, None)
+        files = _files(root, opts.images, None, opts.exclude)
         if opts.labels:  # a label volume matched by the image glob is not an image
             labels = {_label_path(opts.labels, f) for f in files}
             files = [f for f in files if f not in labels]
@@ -483,7 +690,7 @@ class Dicom:
 
     @staticmethod
     def items(card, opts, root: Path) -> list[dict]:
-        files = _files(root, opts.images, None)
+        files = _files(root, opts.images, None, opts.exclude)
         if opts.series:
             return [{"id": d} for d in sorted({Path(f).parent.as_posix() for f in files})]
         return [{"id": f} for f in files]

@@ -16,6 +16,8 @@ from medvl.imaging import CT_WINDOWS, MAX_PIXELS
 from medvl.records import Strict
 from medvl.vocab import BODY_REGIONS, CLINICAL_TASKS, ORIGINAL_TASKS, check_department, normalize_modality
 
+from .splits import SplitRule
+
 
 class CardError(ValueError):
     pass
@@ -46,7 +48,13 @@ class Card(Strict):
     clinical_task: str
     clinical_task_by_label: dict[str, str] = {}
     label_map: dict[str, str] = {}  # source label -> label used in records
-    label_names: dict[int, str] = {}  # mask / label-volume value -> label
+    label_names: dict[int, str] = {}  # mask / label-volume value (or class index) -> label
+    # Labels of this source known up front (record spelling), on top of label_names and label_map values.
+    label_space: list[str] = []
+    # True only when the source annotates every label of its label space on every image, so that a label
+    # absent from a record is a verified negative.
+    exhaustive_labels: bool = False
+    split: SplitRule | None = None  # None: the source defines no split; every record gets ""
     ct_window: str = "auto"  # "auto" picks the window by body region (images.WINDOW_BY_REGION)
     max_side: int = Field(1024, ge=16)
     max_pixels: int = Field(MAX_PIXELS, ge=1)
@@ -114,7 +122,27 @@ class Card(Strict):
             raise ValueError(f"unknown adapter {self.adapter!r}; registered: {', '.join(sorted(ADAPTERS))}")
         if self.department is None and not self.department_by_region:
             raise ValueError("give `department` or `department_by_region`")
+        if self.exhaustive_labels and not self.labels():
+            raise ValueError(
+                "`exhaustive_labels: true` needs a label space (label_space, label_names or label_map)"
+            )
+        if (
+            self.split
+            and self.split.from_ == "index"
+            and not getattr(ADAPTERS[self.adapter], "SPLITS", False)
+        ):
+            raise ValueError(
+                f"adapter {self.adapter!r} reads no splits of its own; use `from: files` or `pattern`"
+            )
         return self
+
+    def labels(self) -> list[str]:
+        """The label space: `label_space`, `label_names` values and `label_map` values, all in record
+        spelling (after `label_map`), sorted. A record's labels must lie in it when it is not empty."""
+        m = self.label_map
+        return sorted(
+            {m.get(x, x) for x in [*self.label_space, *self.label_names.values()]} | set(m.values())
+        )
 
     _path: Path | None = PrivateAttr(None)  # the YAML file, set by load_card
 

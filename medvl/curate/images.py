@@ -45,6 +45,59 @@ def mask_boxes(labels: np.ndarray, names: dict[int, str]) -> list[dict]:
 _EIGHT = np.ones((3, 3), bool)
 
 
+def mask_regions(labels: np.ndarray, names: dict[int, str]) -> list[dict]:
+    """Per label of a 2D label array: its share of the image's pixels, its centroid (of pixel centres, as
+    0-1 fractions of width and height) and the box around all its pixels (max exclusive). Values that
+    `names` maps to one label are pooled. One C pass per statistic (scipy.ndimage with `index`), for any
+    integer codes (colour masks give 24-bit ones)."""
+    from scipy import ndimage
+
+    values = [int(v) for v in present_values(labels) if int(v) in names]
+    if not values:
+        return []
+    h, w = labels.shape
+    ys, xs = np.indices(labels.shape, dtype=np.float64)
+    count = [float(c) for c in ndimage.sum_labels(np.ones(labels.shape), labels, values)]
+    sx, sy = ndimage.sum_labels(xs, labels, values), ndimage.sum_labels(ys, labels, values)
+    x0, x1 = ndimage.minimum(xs, labels, values), ndimage.maximum(xs, labels, values)
+    y0, y1 = ndimage.minimum(ys, labels, values), ndimage.maximum(ys, labels, values)
+    return merge_regions(
+        [
+            dict(
+                label=names[v],
+                area_share=float(count[i] / (w * h)),
+                cx=(float(sx[i]) / count[i] + 0.5) / w,
+                cy=(float(sy[i]) / count[i] + 0.5) / h,
+                x_min=int(x0[i]),
+                y_min=int(y0[i]),
+                x_max=int(x1[i]) + 1,
+                y_max=int(y1[i]) + 1,
+            )
+            for i, v in enumerate(values)
+        ]
+    )
+
+
+def merge_regions(regions: list[dict]) -> list[dict]:
+    """Regions of one image pooled by label (areas add up, centroids are area-weighted, boxes joined), in
+    order of first appearance; shares rounded to 6 digits, centroids to 4."""
+    pooled: dict[str, dict] = {}
+    for r in regions:
+        q = pooled.get(r["label"])
+        if q is None:
+            pooled[r["label"]] = dict(r)
+            continue
+        a, b = q["area_share"], r["area_share"]
+        q["cx"], q["cy"] = (a * q["cx"] + b * r["cx"]) / (a + b), (a * q["cy"] + b * r["cy"]) / (a + b)
+        q["area_share"] = a + b
+        q["x_min"], q["y_min"] = min(q["x_min"], r["x_min"]), min(q["y_min"], r["y_min"])
+        q["x_max"], q["y_max"] = max(q["x_max"], r["x_max"]), max(q["y_max"], r["y_max"])
+    return [
+        {**q, "area_share": round(q["area_share"], 6), "cx": round(q["cx"], 4), "cy": round(q["cy"], 4)}
+        for q in pooled.values()
+    ]
+
+
 def present_values(labels: np.ndarray) -> np.ndarray:
     """Non-zero values of a label array (bincount: far faster than np.unique for small integer labels)."""
     if labels.dtype.kind in "ui" and labels.size and labels.min() >= 0 and labels.max() < 65536:

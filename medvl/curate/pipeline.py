@@ -23,7 +23,7 @@ from medvl.vocab import BODY_REGIONS, CLINICAL_TASKS, normalize_modality
 
 from .adapters import ADAPTERS, SourceImage, card_preprocessing
 from .card import Card
-from .images import content_hash, encode_png, perceptual_hash
+from .images import content_hash, encode_png, merge_regions, perceptual_hash
 from .report import finalize
 
 SHARD_RECORDS = 1000
@@ -49,6 +49,13 @@ def build_record(card: Card, s: SourceImage) -> dict:
             coords = [round(b[k], 1) for k in ("x_min", "y_min", "x_max", "y_max")]
             raise InputError(s.file, "boxes", f"box {b['label']!r} {coords} lies outside the {w}x{h} image")
     labels = list(dict.fromkeys(relabel(x, x) for x in s.labels))
+    space = card.labels()
+    outside = [x for x in labels if x not in space]
+    if space and outside:
+        raise InputError(
+            s.file, "labels", f"label {outside[0]!r} is not in the card's label space (label_space)"
+        )
+    split = card.split.resolve(card.root_dir(), s.file, s.splits) if card.split else ""
     raw_mod = s.modality or card.modality or ""
     try:
         modality = card.modality_map.get(raw_mod) or normalize_modality(raw_mod)
@@ -91,6 +98,11 @@ def build_record(card: Card, s: SourceImage) -> dict:
         "duplicate_of": None,
         "meta": json.dumps(s.meta, sort_keys=True),
         "preprocessing": card_preprocessing(card).model_dump_json(),
+        "split": split,
+        "annotation": json.dumps({"exhaustive": card.exhaustive_labels, "label_space": space}),
+        "regions": json.dumps(
+            merge_regions([{**r, "label": relabel(r["label"], r["label"])} for r in s.regions])
+        ),
     }
 
 
@@ -157,12 +169,18 @@ class LoadRecords(Step):
             ) from None
 
 
+def item_key(rec: dict) -> str:
+    """Records with one key are never each other's near duplicates: slices of a volume, frames of a clip
+    resemble each other by nature. Rows of an array file are separate images."""
+    return rec["id"] if rec["index_kind"] == "row" else f"{rec['source']}/{rec['file']}"
+
+
 class Deduplicate(DriverStep):
     """Driver side: each record against the records kept before it (cards in the order given, items in
     order); the card's policy drops the later one (`Drop("duplicate")`) or keeps it with `duplicate_of`
     set (`Flag("duplicate")`)."""
 
-    columns = ("id", "sha256", "phash", "source", "file")
+    columns = ("id", "sha256", "phash", "source", "file", "index_kind")
 
     def __init__(self, cards: list[Card]):
         self.cards = {c.name: c for c in cards}
@@ -191,13 +209,13 @@ class Deduplicate(DriverStep):
 
     def resume(self, rows: Iterable[dict]) -> None:
         for r in rows:
-            self.keep(r["id"], r["sha256"], r["phash"], f"{r['source']}/{r['file']}")
+            self.keep(r["id"], r["sha256"], r["phash"], item_key(r))
 
     def __call__(self, item: dict, outcomes: list[Outcome]) -> list[Outcome]:
         result: list[Outcome] = []
         for rec in outcomes:
             if isinstance(rec, dict):
-                key = f"{rec['source']}/{rec['file']}"  # slices of one item are never each other's duplicates
+                key = item_key(rec)
                 dup = self.check(rec, key)
                 if dup is not None:
                     detail = {"id": rec["id"], **{k: dup[k] for k in ("kind", "of", "distance")}}
@@ -224,6 +242,9 @@ def curate(
     names = [c.name for c in cards]
     if len(set(names)) != len(names):
         raise ValueError(f"two cards share a name: {names}")
+    for card in cards:
+        if card.split:
+            card.split.check(card.root_dir())
     items = [
         {"id": f"{card.name}/{it['id']}", "source": card.name, "item": it}
         for card in cards

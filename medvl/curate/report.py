@@ -58,14 +58,22 @@ def finalize(out: Path, cards: list[Card], summary: dict) -> dict:
 
     empty = {"items": 0, "read": 0, "kept": 0, "quarantined": 0, "dropped": {}, "flagged": {}}
     shards = [out / d for d in summary["data"]]
-    cols = ["body_region", "boxes", "mask_boxes", "meta", *PLOTS]
+    cols = ["body_region", "boxes", "mask_boxes", "meta", "source", "split", *PLOTS]
     t = pq.read_table(shards, columns=cols).to_pydict() if shards else {c: [] for c in cols}
     dists = {c: Counter(t[c]) for c in [*PLOTS, "body_region"]}
     masked = [i for i, m in enumerate(t["meta"]) if '"mask"' in m]
     ious = mask_box_iou([t["boxes"][i] for i in masked], [t["mask_boxes"][i] for i in masked])
+    splits = Counter(zip(t["source"], t["split"], strict=True))
     report = {
         "counts": {k: summary[k] for k in COUNTS},
-        "by_source": {c.name: {k: summary["by"].get(c.name, empty)[k] for k in COUNTS} for c in cards},
+        "by_source": {
+            c.name: {
+                **{k: summary["by"].get(c.name, empty)[k] for k in COUNTS},
+                # kept records per split ("" where the source defines none)
+                "splits": {sp: n for (src, sp), n in sorted(splits.items()) if src == c.name},
+            }
+            for c in cards
+        },
         "distributions": {k: dict(v.most_common()) for k, v in dists.items()},
         "mask_box_iou": iou_summary(ious),
         "shards": summary["data"],
@@ -142,15 +150,17 @@ def _card_md(cards: list[Card], report: dict, quarantine: list[dict]) -> str:
         counts_line(c),
         "",
         "| source | adapter | licence | items | read | kept | quarantined | dropped duplicates | "
-        "dropped, no output | duplicates kept, flagged |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "dropped, no output | duplicates kept, flagged | kept by split |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for card in cards:
         s = report["by_source"][card.name]
         lines.append(
             f"| {card.name} | {card.adapter} | {card.license} | {s['items']} | {s['read']} | {s['kept']} | "
             f"{s['quarantined']} | {s['dropped'].get('duplicate', 0)} | {s['dropped'].get('no output', 0)} | "
-            f"{s['flagged'].get('duplicate', 0)} |"
+            f"{s['flagged'].get('duplicate', 0)} | "
+            + (", ".join(f"{sp or '(none)'} {n}" for sp, n in s["splits"].items()) or "-")
+            + " |"
         )
     lines += ["", "## Distributions (reference Fig. 3)", ""]
     for col, title in PLOTS.items():
