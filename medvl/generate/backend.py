@@ -1,10 +1,11 @@
 """The interface every generation backend implements, and how the pipeline seeds it.
 
 A backend turns one fact sheet into raw samples of one format in one language. The pipeline owns
-everything around it: which formats and languages a record gets, the seed, the image file, ids,
-provenance, validation and the output files. A raw sample is a dict with `conversations` (LLaVA turns,
-the image token at the start of the first human turn unless the format is "text") plus `options` and
-`answer` (perception) or `box` (region); other keys are overwritten by the pipeline.
+everything around it: which formats and languages a record gets, the seed, the image file (written to
+`images/<facts.image_sha256>.png` in the output folder before `write` is called, so a backend that sends
+the image reads it there), ids, provenance, validation and the output files. A raw sample is a dict
+with `conversations` (LLaVA turns, the image token at the start of the first human turn unless the format
+is "text") plus `options` and `answer` (perception) or `box` (region); the pipeline sets the other keys.
 
 Determinism: `write` is called with a generator seeded by (run seed, record id, format) only, the same
 for the English sample and its Chinese version, so a backend that draws the same numbers in both
@@ -32,19 +33,10 @@ class Backend:
     def setup(self) -> None:
         """Once per worker process before its first record (clients, caches)."""
 
-    def write(
-        self,
-        facts: FactSheet,
-        fmt: str,
-        lang: str,
-        rng: np.random.Generator,
-        *,
-        image: bytes | None = None,
-        original: dict | None = None,
-    ) -> list[dict]:
+    def write(self, facts: FactSheet, fmt: str, lang: str, rng: np.random.Generator) -> list[dict]:
         """Raw samples of format `fmt` in language `lang`; [] when the record cannot support the format
-        (a region caption without a box). `image`: the record's PNG bytes (None for text-only);
-        `original`: for a Chinese sample, its validated English original (the one it must match)."""
+        (a region caption without a box). The pipeline asks for English first, then for Chinese with a
+        generator seeded the same way."""
         raise NotImplementedError
 
 

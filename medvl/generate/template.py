@@ -100,20 +100,20 @@ MODALITY_INFO: dict[str, Pair] = {
 TASK_INFO: dict[str, Pair] = {
     "2D classification": (
         "A 2D classification dataset gives each image one or more class labels for the whole image.",
-        "二维分类数据集为每张图像整体给出一个或多个类别。",
+        "2D分类数据集为每张图像整体给出一个或多个类别。",
     ),
     "2D detection": (
         "A 2D detection dataset marks each object of interest with a rectangle and its class.",
-        "二维检测数据集用矩形框及其类别标出每个感兴趣的目标。",
+        "2D检测数据集用矩形框及其类别标出每个感兴趣的目标。",
     ),
     "2D segmentation": (
         "A 2D segmentation dataset gives a pixel mask for each structure or lesion.",
-        "二维分割数据集为每个结构或病灶给出像素级掩膜。",
+        "2D分割数据集为每个结构或病灶给出像素级掩膜。",
     ),
     "3D segmentation": (
         "A 3D segmentation dataset gives a voxel mask for each structure in a volume "
         "such as a CT or MR scan.",
-        "三维分割数据集为CT或磁共振等容积数据中的每个结构给出体素级掩膜。",
+        "3D分割数据集为CT或磁共振等容积数据中的每个结构给出体素级掩膜。",
     ),
     "video": (
         "A video dataset labels frames or time intervals of a recording, such as an endoscopy video.",
@@ -187,9 +187,7 @@ def image_kind(facts: FactSheet, lang: str) -> str:
 
 def counted(facts: FactSheet) -> bool:
     """Whether the labels are better told as counts (cells on a smear) than as structures."""
-    return (
-        facts.clinical_task in ("Cell Recognition", "Counting") or max(facts.counts().values(), default=1) > 1
-    )
+    return facts.clinical_task in ("Cell Recognition", "Counting")
 
 
 def findings(facts: FactSheet, lang: str) -> str:
@@ -627,14 +625,5 @@ class TemplateBackend(Backend):
     model = "template"
     prompt_version = PROMPT_VERSION
 
-    def write(
-        self,
-        facts: FactSheet,
-        fmt: str,
-        lang: str,
-        rng: np.random.Generator,
-        *,
-        image: bytes | None = None,
-        original: dict | None = None,
-    ) -> list[dict]:
+    def write(self, facts: FactSheet, fmt: str, lang: str, rng: np.random.Generator) -> list[dict]:
         return WRITERS[fmt](facts, lang, rng)

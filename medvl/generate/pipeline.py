@@ -1,0 +1,272 @@
+"""Curated records -> validated instruction samples, on `medvl.jobs` (workers, Ray, resume after kill -9).
+
+One item is one curated record. Its step computes the fact sheet (a bad record — missing field,
+unreadable image, box outside the image — is quarantined with its id and the reason), writes the image
+once as `images/<sha256>.png`, asks the backend for every requested format in English and, for a share
+of (record, format) pairs drawn from the seed, in Chinese, validates each sample against the fact sheet
+and keeps it or rejects it with its reasons.
+
+Output folder (besides the job files of `medvl.jobs`: `data/part-*.parquet` = the Parquet copy, one row
+per kept sample with its provenance columns; `parts/`, `dropped.jsonl`, `quarantine.jsonl`):
+
+    images/<sha256>.png   each record's image, written once (SHA-256 of the PNG file)
+    samples.jsonl         the kept samples, LLaVA rows (`medvl train` with image_root = this folder)
+    rejected.jsonl        every rejected sample with its reasons (and records that gave no sample)
+    report.json           counts: read = kept + rejected + quarantined, by source x format x language
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+from medvl.errors import InputError
+from medvl.jobs import Drop, Step, atomic_write, run
+from medvl.records import read_rows
+from medvl.samples import FORMATS, FactSheet, fact_sheet, image_png, validate
+
+from .backend import Backend, seeded
+
+DEFAULT_SPLITS = ("train",)
+DEFAULT_ZH_SHARE = 0.3
+
+
+class GenerateStep(Step):
+    name = "generate"
+
+    def __init__(
+        self, backend: Backend, out: str | Path, formats: Sequence[str], zh_share: float, seed: int
+    ) -> None:
+        unknown = [f for f in formats if f not in FORMATS]
+        if unknown or not formats:
+            raise ValueError(
+                f"formats must be among {', '.join(FORMATS)}; got {', '.join(formats) or 'none'}"
+            )
+        if not 0 <= zh_share <= 1:
+            raise ValueError(f"zh share must be within 0-1, got {zh_share}")
+        self.backend, self.images = backend, Path(out) / "images"
+        self.formats, self.zh_share, self.seed = tuple(formats), float(zh_share), int(seed)
+
+    def config(self) -> dict:
+        return {
+            **self.backend.config(),
+            "formats": self.formats,
+            "zh_share": self.zh_share,
+            "seed": self.seed,
+        }
+
+    def schema(self):
+        import pyarrow as pa
+
+        s = pa.string()
+        return pa.schema(
+            [("id", s), ("record_id", s), ("source", s), ("split", s), ("format", s), ("lang", s),
+             ("pair_id", s), ("image", s), ("modality", s), ("backend", s), ("model", s),
+             ("prompt_version", s), ("seed", pa.int64()), ("sample", s)]
+        )  # fmt: skip
+
+    def setup(self) -> None:
+        self.backend.setup()
+
+    def write_image(self, png: bytes, sha: str) -> None:
+        """images/<sha>.png, atomically; a file already there has these very bytes (its name is their
+        hash). The temp name carries the pid: two workers may hold records with the same image."""
+        path = self.images / f"{sha}.png"
+        if path.exists():
+            return
+        self.images.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(png)
+        os.replace(tmp, path)
+
+    def finish(self, raw: dict, facts: FactSheet, fmt: str, lang: str, i: int, pair: str | None) -> dict:
+        """A backend's raw sample -> the output sample: id, image, format, language, provenance, facts."""
+        sid = f"{facts.record_id}:{fmt}:{i}:{lang}"
+        s: dict = {"id": sid}
+        if fmt != "text":
+            s["image"] = f"images/{facts.image_sha256}.png"
+        s["conversations"] = raw.get("conversations")
+        for key in ("options", "answer", "box"):
+            if key in raw:
+                s[key] = raw[key]
+        s["format"], s["lang"] = fmt, lang
+        if lang == "zh":
+            s["pair_id"] = pair
+        s["provenance"] = {
+            "record_id": facts.record_id,
+            "source": facts.source,
+            "split": facts.split,
+            "format": fmt,
+            "lang": lang,
+            "prompt_version": self.backend.prompt_version,
+            "backend": self.backend.name,
+            "model": self.backend.model,
+            "seed": self.seed,
+        }
+        s["facts"] = json.loads(facts.to_json())
+        return s
+
+    def row(self, s: dict, facts: FactSheet) -> dict:
+        p = s["provenance"]
+        return {
+            "id": s["id"], "record_id": facts.record_id, "source": facts.source, "split": facts.split,
+            "format": s["format"], "lang": s["lang"], "pair_id": s.get("pair_id"), "image": s.get("image"),
+            "modality": facts.modality, "backend": p["backend"], "model": p["model"],
+            "prompt_version": p["prompt_version"], "seed": self.seed,
+            "sample": json.dumps(s, ensure_ascii=False, sort_keys=True),
+        }  # fmt: skip
+
+    def __call__(self, item: dict) -> Iterable[dict | Drop]:
+        record = item["record"]
+        png = image_png(record)
+        sha = hashlib.sha256(png).hexdigest()
+        facts = fact_sheet(record, image_sha256=sha)
+        if any(f != "text" for f in self.formats):
+            self.write_image(png, sha)
+        for fmt in self.formats:
+            rid = facts.record_id
+            with_zh = seeded(self.seed, rid, fmt, "zh").random() < self.zh_share
+            english = self.backend.write(facts, fmt, "en", seeded(self.seed, rid, fmt))
+            kept: dict[int, dict] = {}
+            for i, raw in enumerate(english):
+                s = self.finish(raw, facts, fmt, "en", i, None)
+                reasons = validate(s, facts)
+                if reasons:
+                    yield self.reject(s, raw, reasons)
+                else:
+                    kept[i] = s
+                    yield self.row(s, facts)
+            if not (with_zh and kept):
+                continue
+            for i, raw in enumerate(self.backend.write(facts, fmt, "zh", seeded(self.seed, rid, fmt))):
+                original = kept.get(i)
+                pair = original["id"] if original else f"{rid}:{fmt}:{i}:en"
+                s = self.finish(raw, facts, fmt, "zh", i, pair)
+                reasons = validate(s, facts, original) if original else ["english rejected"]
+                yield self.reject(s, raw, reasons) if reasons else self.row(s, facts)
+
+    @staticmethod
+    def reject(s: dict, raw: dict, reasons: list[str]) -> Drop:
+        extra = {k: raw[k] for k in ("error", "reply") if k in raw}  # a backend's own account of a failure
+        return Drop(
+            reasons[0],
+            {"reasons": reasons, "format": s["format"], "lang": s["lang"], "sample": {**s, **extra}},
+        )
+
+
+def load_records(paths: Sequence[str | Path]) -> list[dict]:
+    """Curated records from curated output folders (their `data/`), Parquet files or folders of them, in
+    order; a record id seen twice is an error (two curated copies of one source)."""
+    rows, seen = [], {}
+    for p in paths:
+        p = Path(p)
+        src = p / "data" if (p / "data").is_dir() else p
+        for r in read_rows(src):
+            rid = r.get("id")
+            if not isinstance(rid, str) or not rid:
+                raise InputError(str(p), "id", "a record without an id")
+            if rid in seen:
+                raise InputError(str(p), "id", f"record {rid!r} also in {seen[rid]}")
+            seen[rid] = str(p)
+            rows.append(r)
+    return rows
+
+
+def select(records: Iterable[dict], splits: Sequence[str]) -> list[dict]:
+    """The records of the named splits, plus those of sources that define no split (split "": nothing
+    of theirs is held out for evaluation)."""
+    return [r for r in records if (r.get("split") or "") in (*splits, "")]
+
+
+def generate(
+    curated: Sequence[str | Path],
+    out: str | Path,
+    backend: Backend,
+    *,
+    splits: Sequence[str] = DEFAULT_SPLITS,
+    formats: Sequence[str] = FORMATS,
+    zh_share: float = DEFAULT_ZH_SHARE,
+    seed: int = 0,
+    workers: int = 1,
+    engine: str = "local",
+    limit: int | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Run (or resume) a generation job; returns the report (also out/report.json)."""
+    out = Path(out)
+    records = select(load_records(curated), splits)
+    items = [{"id": r["id"], "source": str(r.get("source") or ""), "record": r} for r in records]
+    step = GenerateStep(backend, out, formats, zh_share, seed)
+    run(
+        step,
+        items,
+        out,
+        workers=workers,
+        engine=engine,
+        group_by="source",
+        limit=limit,
+        on_progress=on_progress,
+    )
+    return finalize(out)
+
+
+def finalize(out: str | Path) -> dict:
+    """samples.jsonl, rejected.jsonl and report.json from the committed parts (all of them: a resumed job
+    writes the same files as one never stopped)."""
+    import pyarrow.parquet as pq
+
+    from medvl.jobs import summarize
+
+    out = Path(out)
+    summary = summarize(out)
+    parts = [out / d for d in summary["data"]]
+    rows = pq.read_table(parts, columns=["source", "format", "lang", "sample"]).to_pylist() if parts else []
+    atomic_write(out / "samples.jsonl", lambda p: p.write_text("".join(r["sample"] + "\n" for r in rows)))
+    dropped = read_rows(out / "dropped.jsonl") if (out / "dropped.jsonl").stat().st_size else []
+    quarantined = read_rows(out / "quarantine.jsonl") if (out / "quarantine.jsonl").stat().st_size else []
+    rejected = [
+        {"record_id": d["item"], "source": d["source"], "format": d.get("format", ""),
+         "lang": d.get("lang", ""), "reason": d["reason"], "reasons": d.get("reasons", [d["reason"]]),
+         "sample": d.get("sample")}
+        for d in dropped
+    ]  # fmt: skip
+    atomic_write(
+        out / "rejected.jsonl",
+        lambda p: p.write_text(
+            "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rejected)
+        ),
+    )
+    by: dict = {}
+    for r in rows:
+        cell = by.setdefault(r["source"], {}).setdefault(r["format"], {}).setdefault(r["lang"], _cell())
+        cell["kept"] += 1
+    for r in rejected:
+        cell = (
+            by.setdefault(r["source"], {})
+            .setdefault(r["format"] or "-", {})
+            .setdefault(r["lang"] or "-", _cell())
+        )
+        cell["rejected"] += 1
+        cell["reasons"][r["reason"]] = cell["reasons"].get(r["reason"], 0) + 1
+    report = {
+        "read": summary["read"],
+        "kept": len(rows),
+        "rejected": len(rejected),
+        "quarantined": len(quarantined),
+        "records": summary["items"],
+        "reasons": dict(sorted(Counter(r["reason"] for r in rejected).items())),
+        "quarantined_by_source": dict(sorted(Counter(q["source"] for q in quarantined).items())),
+        "by": by,
+    }
+    if report["read"] != report["kept"] + report["rejected"] + report["quarantined"]:
+        raise RuntimeError(f"{out}: counts do not add up: {report}")
+    atomic_write(out / "report.json", lambda p: p.write_text(json.dumps(report, indent=1, sort_keys=True)))
+    return report
+
+
+def _cell() -> dict:
+    return {"kept": 0, "rejected": 0, "reasons": {}}
