@@ -1,0 +1,244 @@
+"""Stage mixtures (`medvl mix`): one YAML per training stage names its sources (quality-kept sets,
+existing LLaVA JSON, text-only sets) and how much of each to take, as the columns of GMAI-VL's
+Table 7 do (the share of each dataset used in a stage). The output is one LLaVA JSON per stage that a
+`medvl train` stage config reads as it is (`data: [{path: mix/stage2.json}]`), plus a manifest.
+
+    seed: 0
+    sources:
+      - name: slake                  # unique; prefixes the sample ids (slake/<id>)
+        path: ../q/kept.jsonl        # JSON list or JSONL, relative to this YAML file
+        image_root: null             # image paths are relative to it (default: the file's folder)
+        fraction: 1.0                # Table 7's share of the source; above 1 repeats it
+      - name: text
+        path: general_text.json
+        count: 500                   # or a number of samples
+      - name: bccd
+        path: ../q-bccd/kept.jsonl
+        weight: 2                    # or a relative weight of `total`
+    total: 2000                      # only with weights: what the weighted sources share
+
+Sampling is deterministic: each source draws from its own generator, seeded by the mixture's seed and
+the source's name (so adding a source leaves the others' draws alone); a count above the source's size
+takes whole copies and then a sample of the rest; the mixture is then shuffled by the seed. Image paths
+in the output are relative to the output file's folder, the default `image_root` of a training data
+entry, so they resolve wherever the tree (sources and mixture) is moved together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import numpy as np
+import typer
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from medvl.errors import InputError
+from medvl.records import Strict, read_rows
+
+M = TypeVar("M", bound=Strict)
+
+
+def read_yaml_model(path: str | Path, model: type[M]) -> M:
+    """A YAML file as a strict pydantic model; any problem is an `InputError` naming the file and the
+    first offending key (`sources.1.count`)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(str(path), "file", "not found") from None
+    except yaml.YAMLError as e:
+        raise InputError(str(path), "yaml", f"not valid YAML ({' '.join(str(e).split())})") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise InputError(str(path), "<top level>", "expected a mapping of keys to values")
+    try:
+        return model(**raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "<top level>"
+        if err["type"] == "extra_forbidden":
+            problem = "unknown key"
+        else:
+            problem = f"{err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})"
+        raise InputError(str(path), key, problem) from None
+
+
+class MixSource(Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    path: Path
+    image_root: Path | None = None
+    fraction: float | None = Field(None, gt=0)
+    count: int | None = Field(None, ge=0)
+    weight: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> MixSource:
+        given = [k for k in ("fraction", "count", "weight") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of fraction, count, weight (got {given or 'none'})")
+        return self
+
+
+class Mix(Strict):
+    seed: int = 0
+    total: int | None = Field(None, gt=0)
+    sources: list[MixSource] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> Mix:
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"source names repeat: {sorted(n for n in set(names) if names.count(n) > 1)}")
+        weighted = any(s.weight is not None for s in self.sources)
+        if weighted != (self.total is not None):
+            raise ValueError("weights need `total` (the samples they share), and `total` needs weights")
+        return self
+
+
+def load_mix(path: str | Path) -> Mix:
+    return read_yaml_model(path, Mix)
+
+
+def _rng(seed: int, name: str) -> np.random.Generator:
+    return np.random.default_rng([seed, int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")])
+
+
+def take(n_rows: int, n: int, rng: np.random.Generator) -> list[int]:
+    """`n` row indices out of `n_rows`: whole copies first, then a sample without replacement of the
+    rest, each in source order."""
+    if n_rows == 0:
+        return []
+    copies, rest = divmod(n, n_rows)
+    return [i for _ in range(copies) for i in range(n_rows)] + sorted(
+        rng.choice(n_rows, rest, replace=False).tolist()
+    )
+
+
+def _amounts(mix: Mix, sizes: list[int]) -> list[int]:
+    weights = sum(s.weight or 0 for s in mix.sources)
+    out = []
+    for s, size in zip(mix.sources, sizes, strict=True):
+        if s.count is not None:
+            out.append(s.count)
+        elif s.fraction is not None:
+            out.append(round(s.fraction * size))
+        else:
+            assert s.weight is not None and mix.total is not None
+            out.append(round(mix.total * s.weight / weights))
+    return out
+
+
+def _format_and_lang(row: dict) -> tuple[str, str]:
+    from medvl.samples import lang_of
+
+    fmt = row.get("format") or ("text" if not row.get("image") else "unknown")
+    lang = row.get("lang")
+    if not lang:
+        text = " ".join(t.get("value", "") for t in row.get("conversations") or [] if isinstance(t, dict))
+        lang = lang_of(text)[0] if text.strip() else "unknown"
+    return str(fmt), str(lang)
+
+
+def mix(path: str | Path, out: str | Path) -> dict:
+    """Write `<out>/<yaml stem>.json` (LLaVA JSON) and `<out>/<yaml stem>.manifest.json`; returns the
+    manifest. Every image a sample names must exist (an `InputError` names the source file and the
+    sample otherwise)."""
+    path, out = Path(path), Path(out)
+    spec = load_mix(path)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / f"{path.stem}.json"
+    here = path.parent
+    sources, sizes = [], []
+    for s in spec.sources:
+        file = s.path if s.path.is_absolute() else here / s.path
+        rows = read_rows(file)
+        sources.append((s, file, rows))
+        sizes.append(len(rows))
+    manifest: dict = {"mix": str(path), "seed": spec.seed, "output": target.name, "sources": []}
+    chosen: list[dict] = []
+    for (s, file, rows), n in zip(sources, _amounts(spec, sizes), strict=True):
+        root = s.image_root if s.image_root is None or s.image_root.is_absolute() else here / s.image_root
+        root = (root or file.parent).resolve()
+        picks = take(len(rows), n, _rng(spec.seed, s.name))
+        if n and not rows:
+            raise InputError(
+                str(file), "rows", f"source {s.name!r} is empty but {n} samples were asked of it"
+            )
+        seen: Counter = Counter()
+        by: Counter = Counter()
+        for i in picks:
+            row = dict(rows[i])
+            if not isinstance(row.get("conversations"), list) or not row["conversations"]:
+                raise InputError(str(file), f"[{i}].conversations", "missing or empty")
+            images = row.get("image")
+            if images:
+                paths = [images] if isinstance(images, str) else list(images)
+                moved = []
+                for p in paths:
+                    full = root / p
+                    if not full.is_file():
+                        raise InputError(str(file), f"[{i}].image", f"image file not found under {root}: {p}")
+                    moved.append(os.path.relpath(full, out.resolve()))
+                row["image"] = moved[0] if isinstance(images, str) else moved
+            rid = f"{s.name}/{row.get('id', i)}"
+            seen[rid] += 1
+            row["id"] = rid if seen[rid] == 1 else f"{rid}#{seen[rid]}"
+            by[_format_and_lang(row)] += 1
+            chosen.append(row)
+        manifest["sources"].append(
+            {
+                "name": s.name,
+                "path": str(file),
+                "image_root": str(root),
+                "available": len(rows),
+                "asked": {
+                    k: getattr(s, k) for k in ("fraction", "count", "weight") if getattr(s, k) is not None
+                },
+                "taken": len(picks),
+                "distinct": len(set(picks)),
+                "by_format": _tally(by, 0),
+                "by_language": _tally(by, 1),
+                "by_format_language": {f"{f}/{lang}": c for (f, lang), c in sorted(by.items())},
+            }
+        )
+    order = np.random.default_rng(spec.seed).permutation(len(chosen)).tolist()
+    chosen = [chosen[i] for i in order]
+    text = json.dumps(chosen, ensure_ascii=False, indent=None)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, target)
+    manifest["total"] = len(chosen)
+    manifest["sha256"] = hashlib.sha256(text.encode()).hexdigest()
+    for key in ("by_format", "by_language"):
+        manifest[key] = dict(sorted(sum((Counter(x[key]) for x in manifest["sources"]), Counter()).items()))
+    if sum(x["taken"] for x in manifest["sources"]) != manifest["total"]:
+        raise RuntimeError(f"{target}: the manifest's counts do not add up")
+    (out / f"{path.stem}.manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
+    return manifest
+
+
+def _tally(by: Counter, k: int) -> dict[str, int]:
+    c: Counter = Counter()
+    for key, n in by.items():
+        c[key[k]] += n
+    return dict(sorted(c.items()))
+
+
+def mix_command(
+    files: Annotated[list[Path], typer.Argument(help="Mixture YAML files, one per training stage.")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Output folder: <stage>.json and <stage>.manifest.json.")
+    ],
+) -> None:
+    """Sample training stages' data mixtures (Table 7 style: sources with fractions, counts or weights),
+    deterministically by seed; a stage config reads the output as `data: [{path: <out>/<stage>.json}]`."""
+    for f in files:
+        m = mix(f, out)
+        parts = ", ".join(f"{s['name']} {s['taken']}" for s in m["sources"])
+        typer.echo(f"{out / m['output']}: {m['total']} samples ({parts}); manifest {f.stem}.manifest.json")

@@ -1,0 +1,114 @@
+"""Dimension 4 (language quality): repetition, language-ID confidence, translation consistency of a
+Chinese sample with its English original, and MinHash signatures for near-duplicate text."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from medvl.prompts import MC_INSTRUCTION
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+_CJK = re.compile(r"[\u4e00-\u9fff]")
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+_BOX = re.compile(r"\[\s*-?\d+\s*,\s*-?\d+\s*,\s*-?\d+\s*,\s*-?\d+\s*\]")
+
+
+def replies(sample: dict) -> list[str]:
+    return [
+        t.get("value", "")
+        for t in sample.get("conversations") or []
+        if isinstance(t, dict) and t.get("from") == "gpt"
+    ]
+
+
+def questions(sample: dict) -> list[str]:
+    return [
+        t.get("value", "")
+        for t in sample.get("conversations") or []
+        if isinstance(t, dict) and t.get("from") == "human"
+    ]
+
+
+def units(text: str) -> list[str]:
+    """Words, with each Chinese character a unit of its own (Chinese has no spaces)."""
+    out = []
+    for w in _WORD.findall(text.lower()):
+        out += list(w) if _CJK.search(w) else [w]
+    return out
+
+
+def repetition(text: str, n: int = 3) -> float:
+    """Share of the n-grams of `text` that repeat an earlier one (0: none; a sentence said twice
+    ~0.5; "the the the ..." -> 1). Texts shorter than 2n units have too few n-grams to call: 0."""
+    u = units(text)
+    if len(u) < 2 * n:
+        return 0.0
+    grams = [tuple(u[i : i + n]) for i in range(len(u) - n + 1)]
+    return 1 - len(set(grams)) / len(grams)
+
+
+def max_repetition(sample: dict) -> float:
+    """The worst answer turn's repetition (a looping answer is bad however short the others)."""
+    return max((repetition(r) for r in replies(sample)), default=0.0)
+
+
+def language_confidence(sample: dict) -> tuple[str, float]:
+    """(identified language, probability that the whole conversation is in the sample's `lang`)."""
+    from medvl.samples import lang_of
+
+    text = "\n".join(t.get("value", "") for t in sample.get("conversations") or []).replace(
+        MC_INSTRUCTION, " "
+    )
+    lang, prob = lang_of(text)
+    return lang, prob if lang == sample.get("lang") else 1 - prob
+
+
+def invariants(sample: dict) -> dict:
+    """What a translation keeps: turns, numbers, box tokens, options' count, answer letter, box, image."""
+    text = "\n".join(t.get("value", "") for t in sample.get("conversations") or [])
+    return {
+        "turns": len(sample.get("conversations") or []),
+        "boxes": sorted(b.replace(" ", "") for b in _BOX.findall(text)),
+        "numbers": sorted(_NUMBER.findall(_BOX.sub(" ", text))),
+        "options": len(sample.get("options") or []),
+        "answer": sample.get("answer"),
+        "box": sample.get("box"),
+        "image": sample.get("image"),
+        "format": sample.get("format"),
+    }
+
+
+def translation_consistency(sample: dict, original: dict) -> tuple[float, list[str]]:
+    """Share of `invariants` a Chinese sample keeps from its English original, and those it breaks."""
+    a, b = invariants(sample), invariants(original)
+    broken = [k for k in a if a[k] != b[k]]
+    return 1 - len(broken) / len(a), broken
+
+
+def shingles(sample: dict) -> set[str]:
+    """Word 3-grams (characters for Chinese) of the whole conversation, the image token left out."""
+    text = " ".join(t.get("value", "") for t in sample.get("conversations") or []).replace("<image>", " ")
+    u = units(text)
+    return {" ".join(u[i : i + 3]) for i in range(max(1, len(u) - 2))} if u else {""}
+
+
+def minhash(sample: dict, num_perm: int):
+    from datasketch import MinHash
+
+    m = MinHash(num_perm=num_perm, seed=1)
+    m.update_batch([s.encode() for s in sorted(shingles(sample))])
+    return m
+
+
+def most_common_share(counts: Counter, exclude: str | None) -> tuple[str | None, float, int]:
+    """(top answer, its share, support) of `counts` with one occurrence of `exclude` taken out (the
+    sample's own answer: leave-one-out)."""
+    c = Counter(counts)
+    if exclude is not None and c.get(exclude):
+        c[exclude] -= 1
+    total = sum(c.values())
+    if not total:
+        return None, 0.0, 0
+    top, n = max(sorted(c.items()), key=lambda kv: kv[1])
+    return top, n / total, total
