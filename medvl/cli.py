@@ -12,6 +12,7 @@ import sys
 import typer
 
 from medvl.curate.cli import curate
+from medvl.data.mix import mix_command
 from medvl.eval.cli import eval_cmd
 from medvl.generate.cli import generate
 from medvl.model.cli import build
@@ -46,6 +47,7 @@ app.command("synth", rich_help_panel="1. Data")(synth)
 app.command("curate", rich_help_panel="1. Data")(curate)
 app.command("generate", rich_help_panel="1. Data")(generate)
 app.command("quality", rich_help_panel="1. Data")(quality)
+app.command("mix", rich_help_panel="1. Data")(mix_command)
 app.command("build", rich_help_panel="2. Model")(build)
 app.command("train", rich_help_panel="2. Model")(train)
 app.command("pipeline", rich_help_panel="2. Model")(pipeline)
