@@ -133,6 +133,8 @@ def test_handscored_file() -> None:
         "random_guess": 0.25,
         "unresolved": 2,
         "refused": 1,
+        # Every resample of three wrong answers is wrong; all have four options.
+        "ci95": {"accuracy": [0.0, 0.0], "random_guess": [0.25, 0.25]},
     }
     at = metrics["breakdowns"]["answer type"]
     assert at["CLOSED"]["closed_accuracy"] == pytest.approx(2 / 3)
@@ -149,7 +151,9 @@ def test_rescore_writes_reports_and_submission(tmp_path: Path) -> None:
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
     md = (out / "report.md").read_text()
     assert "Research use only" in md or "research use only" in md.lower()
-    assert "| Disease Diagnosis | 3 | 0.00 | 25.00 | 2 | 1 |" in md
+    # accuracy [interval], random guess, majority baseline (D, the first of three tied answers: right
+    # once, and a resample of three can hold it 0 to 3 times), unresolved, refused.
+    assert "| Disease Diagnosis | 3 | 0.00 [0.00, 0.00] | 25.00 | 33.33 [0.00, 100.00] | 2 | 1 |" in md
     assert (out / "report.png").stat().st_size > 1000
     assert len((out / "scored.jsonl").read_text().splitlines()) == 12
     sub = list(csv.reader((out / "submission.tsv").open(), delimiter="\t"))

@@ -20,6 +20,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from medvl.cli import app
+from medvl.errors import InputError
 from medvl.eval.benchmarks import load_benchmark
 from medvl.eval.harness import APIModel, evaluate, prediction_path, rescore
 from medvl.vocab import OMNIMEDVQA_QUESTION_TYPES
@@ -72,17 +73,23 @@ def synthetic_mc(tmp_path_factory) -> Path:
 
 def test_mc_report_resume_and_rescore(eval_tiny_model: Path, synthetic_mc: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    first = evaluate(str(eval_tiny_model), "mc", synthetic_mc, out, limit=4, **FAST)
+    first = evaluate(str(eval_tiny_model), "mc", synthetic_mc, out, limit=4, chunk=3, **FAST)
     assert first["overall"]["n"] == 4
     lines = prediction_path(out).read_text().splitlines()
     assert len(lines) == 4
-    # A run killed mid-write leaves half a line; the next run drops it and goes on.
-    prediction_path(out).write_text("\n".join(lines[:3]) + "\n" + lines[3][:25])
-    report = evaluate(str(eval_tiny_model), "mc", synthetic_mc, out, **FAST)
+    # Chunks are cut over the whole benchmark: 4 questions are chunks 0 and 1 (questions 0-5).
+    parts = sorted((out / "jobs" / "image" / "parts").glob("*.json"))
+    assert [json.loads(p.read_text())["items"] for p in parts] == [["000000"], ["000001"]]
+    report = evaluate(str(eval_tiny_model), "mc", synthetic_mc, out, chunk=3, **FAST)
     rows = [json.loads(x) for x in prediction_path(out).read_text().splitlines()]
     ids = [r["id"] for r in rows]
     assert len(ids) == 10 and len(set(ids)) == 10
-    assert rows[:3] == [json.loads(x) for x in lines[:3]]  # finished rows were kept, not redone
+    assert rows[:4] == [json.loads(x) for x in lines]  # finished rows were kept, not redone
+    parts = sorted((out / "jobs" / "image" / "parts").glob("*.json"))
+    assert [json.loads(p.read_text())["items"] for p in parts][2:] == [["000002"], ["000003"]]
+    # Another batching in the same folder would mix differently made answers: refused.
+    with pytest.raises(InputError, match="another configuration"):
+        evaluate(str(eval_tiny_model), "mc", synthetic_mc, out, chunk=5, **FAST)
 
     o = report["overall"]
     assert o["n"] == 10 and 0 <= o["unresolved"] + o["refused"] <= 10
@@ -119,27 +126,20 @@ def test_image_check_and_cli(eval_tiny_model: Path, synthetic_mc: Path, tmp_path
         assert v["n"] == 6 and v["accuracy_with_images"] == report["overall"]["accuracy"]
         assert v["drop"] == pytest.approx(v["accuracy_with_images"] - v["accuracy"])
         assert len((out / f"predictions.{variant}.jsonl").read_text().splitlines()) == 6
-    assert dep["image_independent"] == all(v["drop"] < dep["margin"] for v in dep["variants"].values())
+        lo, hi = v["drop_ci95"]
+        assert lo <= v["drop"] <= hi and v["interval_includes_0"] == (lo <= 0)
+    assert dep["image_independent"] == all(v["interval_includes_0"] for v in dep["variants"].values())
     md = (out / "report.md").read_text()
     assert "## Image dependence" in md and "## By category" in md
     # Bad input: a clear message naming the file, and a non-zero exit.
     bad = CliRunner().invoke(app, ["eval", "--model", str(eval_tiny_model), "--bench", "slake",
                                    "--data", str(tmp_path / "nowhere")])  # fmt: skip
     assert bad.exit_code == 1 and "nowhere" in bad.output and "not found" in bad.output
-    compare = CliRunner().invoke(
-        app,
-        [
-            "eval",
-            "--compare",
-            str(out / "report.json"),
-            "--compare",
-            str(out / "report.json"),
-            "--out",
-            str(tmp_path / "cmp"),
-        ],  # fmt: skip
-    )
+    compare = CliRunner().invoke(app, ["eval", "--compare", str(out), str(out), "--out", str(tmp_path / "c")])
     assert compare.exit_code == 0, compare.output
-    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
+    assert (tmp_path / "c" / "compare.png").stat().st_size > 1000
+    paired = json.loads((tmp_path / "c" / "compare.json").read_text())["paired"]
+    assert next(iter(paired.values()))["overall"]["ci95"] == [0.0, 0.0]  # a run against itself
 
 
 @pytest.mark.skipif(not (SLAKE / "test.json").exists(), reason="shared SLAKE data not present")

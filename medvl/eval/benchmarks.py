@@ -417,6 +417,16 @@ LOADERS: dict[str, Callable[..., list[Item]]] = {
 }
 
 
+def default_train_split(bench: str, data: Path) -> Path | None:
+    """The benchmark's own training split beside the evaluated data, when it ships one: SLAKE's
+    `train.json` in the folder `--data` names (or beside the JSON it names). None otherwise: the
+    majority baseline then comes from the evaluated answers and there is no question prior."""
+    if bench != "slake":
+        return None
+    train = (data if data.is_dir() else data.parent) / "train.json"
+    return train if train.is_file() else None
+
+
 def load_benchmark(bench: str, data: Path, **options) -> list[Item]:
     if bench not in LOADERS:
         raise BenchmarkError(f"unknown benchmark {bench!r}; choose one of {', '.join(LOADERS)}")

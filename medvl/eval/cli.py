@@ -9,6 +9,7 @@ REPORT_BENCHES = "iu-xray, mimic-cxr, ct-rate, reports-jsonl"
 
 
 def eval_cmd(
+    runs: list[Path] = typer.Argument(None, help="With --compare: two or more run folders of medvl eval."),
     model: Path = typer.Option(None, help="A medvl model folder (or use --api-base/--api-model)."),
     bench: str = typer.Option(None, help=f"Benchmark type: {BENCHES}; report generation: {REPORT_BENCHES}."),
     data: Path = typer.Option(None, help="The benchmark's file or folder (see docs/eval.md for each)."),
@@ -34,7 +35,22 @@ def eval_cmd(
     judge_model: str = typer.Option(None, help="Judge model name at --judge-base."),
     judge_key: str = typer.Option(None, envvar="MEDVL_JUDGE_API_KEY", help="Key for --judge-base."),
     rescore: Path = typer.Option(None, help="Score this prediction file again instead of running a model."),
-    compare: list[Path] = typer.Option(None, help="report.json files to plot side by side (repeatable)."),
+    compare: bool = typer.Option(
+        False,
+        "--compare",
+        help="Compare run folders given as arguments (same questions): paired interval and McNemar's test.",
+    ),
+    train_split: Path = typer.Option(
+        None, help="Training split (same format as --data) for the majority and question-only baselines."
+    ),
+    workers: int = typer.Option(1, min=1, help="Worker processes (or Ray actors) answering in parallel."),
+    engine: str = typer.Option("local", help="Where workers run: local (processes) or ray."),
+    api_concurrency: int = typer.Option(
+        4, min=1, help="Requests in flight per worker to --api-base (retries and a cache in --out)."
+    ),
+    chunk_size: int = typer.Option(
+        64, min=1, help="Questions per unit of work and per commit (a killed run redoes at most one)."
+    ),
     report_option: list[str] = typer.Option(
         None, help="Report generation setting KEY=VALUE (repeatable; docs/eval.md, Report generation)."
     ),
@@ -48,8 +64,14 @@ def eval_cmd(
     from medvl.eval.report import compare as compare_reports
 
     if compare:
-        typer.echo(f"wrote {compare_reports(compare, out)}")
+        try:
+            typer.echo(f"wrote {compare_reports(runs or [], out)}")
+        except (FileNotFoundError, ValueError) as e:
+            typer.echo(f"medvl eval: {e}", err=True)
+            raise typer.Exit(code=1) from e
         return
+    if runs:
+        raise typer.BadParameter("run folders as arguments go with --compare")
     judge = None
     if judge_base or judge_model:
         if not (judge_base and judge_model):
@@ -76,7 +98,7 @@ def eval_cmd(
             if api_base or api_model:
                 if not (api_base and api_model) or model:
                     raise typer.BadParameter("give either --model, or --api-base with --api-model")
-                runner = APIModel(api_base, api_model, api_key)
+                runner = APIModel(api_base, api_model, api_key, max_concurrency=api_concurrency)
             elif model:
                 runner = model
             else:
@@ -93,13 +115,22 @@ def eval_cmd(
                 split=split,
                 lang=lang,
                 judge=judge,
+                train_split=train_split,
+                workers=workers,
+                engine=engine,
+                chunk=chunk_size,
             )
     except (BenchmarkError, FileNotFoundError, ValueError) as e:
         typer.echo(f"medvl eval: {e}", err=True)
         raise typer.Exit(code=1) from e
     o = report["overall"]
     acc = "–" if o["accuracy"] is None else f"{100 * o['accuracy']:.2f}%"
+    if o["accuracy"] is not None:
+        lo, hi = o["ci95"]["accuracy"]
+        acc += f" [95% CI {100 * lo:.2f}, {100 * hi:.2f}]"
     typer.echo(f"{report['run']['bench']}: {o['n']} questions scored, accuracy {acc}")
+    for name, b in o.get("baselines", {}).items():
+        typer.echo(f"  baseline {name.replace('_', ' ')}: accuracy {100 * b['accuracy']:.2f}%")
     if "unresolved" in o:
         typer.echo(
             f"  random guess {100 * o['random_guess']:.2f}%, "
@@ -107,5 +138,5 @@ def eval_cmd(
         )
     dep = report.get("image_dependence")
     if dep and dep["image_independent"]:
-        typer.echo("  FLAG: accuracy barely changes without the real images (see report.md)")
+        typer.echo("  FLAG: no measurable accuracy drop without the real images (report.md)")
     typer.echo(f"report: {out / 'report.md'}\n{RESEARCH_ONLY}")

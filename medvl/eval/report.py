@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
 from medvl import RESEARCH_ONLY
+from medvl.eval.baselines import BASELINES, baseline_predictions
 from medvl.eval.matching import MATCHING_VERSION, extract_choice
-from medvl.eval.scoring import normalize_answer, score, score_row
+from medvl.eval.scoring import normalize_answer, read_predictions, score, score_row
+from medvl.eval.stats import BOOTSTRAP_INFO, mcnemar, paired_difference
 
 REFERENCE_FILE = Path(__file__).with_name("reference_results.yaml")
-
-# The image-dependence check flags a run whose accuracy drops by less than this (a share, i.e. two
-# percentage points) when the images are blanked or shuffled. On a few hundred questions sampling
-# noise alone is of this order: read the flag with the counts beside it.
-IMAGE_DEPENDENCE_MARGIN = 0.02
+# The baselines' metrics shown beside the model's.
+BASELINE_METRICS = ("accuracy", "closed_accuracy", "open_recall", "open_exact_match")
 
 # The breakdown each benchmark is plotted by.
 PRIMARY_BREAKDOWN = {
@@ -127,42 +127,80 @@ def reference_for(bench: str, report: dict) -> dict | None:
 
 
 def image_dependence(scored: list[dict], variants: dict[str, list[dict]]) -> dict:
-    """Accuracy with the real images against blank/shuffled ones, on the questions both runs answered."""
+    """Accuracy with the real images against blank/shuffled ones, on the questions both runs
+    answered: the drop with its paired-bootstrap interval and McNemar's test. A variant whose drop
+    interval reaches 0 (or lies below it) shows no measurable dependence on the image; the run is
+    flagged `image_independent` when that holds for every variant."""
     base = {r["id"]: r for r in scored}
-    out: dict = {"margin": IMAGE_DEPENDENCE_MARGIN, "variants": {}}
+    out: dict = {"bootstrap": BOOTSTRAP_INFO, "variants": {}}
     for name, rows in variants.items():
         pairs = [(base[r["id"]], score_row(r)) for r in rows if r["id"] in base]
         if not pairs:
             continue
         n = len(pairs)
-        with_images = sum(a["correct"] for a, _ in pairs) / n
-        without = sum(b["correct"] for _, b in pairs) / n
+        with_images = [float(a["correct"]) for a, _ in pairs]
+        without = [float(b["correct"]) for _, b in pairs]
+        drop = paired_difference(with_images, without)
         changed = (
             sum(normalize_answer(a["prediction"]) != normalize_answer(b["prediction"]) for a, b in pairs) / n
         )
         out["variants"][name] = {
             "n": n,
-            "accuracy_with_images": with_images,
-            "accuracy": without,
-            "drop": with_images - without,
+            "accuracy_with_images": sum(with_images) / n,
+            "accuracy": sum(without) / n,
+            "drop": drop["difference"],
+            "drop_ci95": drop["ci95"],
+            "interval_includes_0": drop["ci95"][0] <= 0,
+            "mcnemar": mcnemar(with_images, without),
             "answers_changed": changed,
         }
-    drops = [v["drop"] for v in out["variants"].values()]
-    out["image_independent"] = bool(drops) and all(d < IMAGE_DEPENDENCE_MARGIN for d in drops)
+    flags = [v["interval_includes_0"] for v in out["variants"].values()]
+    out["image_independent"] = bool(flags) and all(flags)
     return out
 
 
-def build_report(rows: list[dict], run: dict, variants: dict[str, list[dict]] | None = None) -> dict:
+def add_baselines(metrics: dict, scored: list[dict], prior: dict | None, category: str | None) -> dict:
+    """Score the baselines (:mod:`medvl.eval.baselines`) on the same questions and put their
+    metrics (with intervals) beside the model's, overall and in every breakdown group, under
+    `baselines`; returns what each baseline used."""
+    found = baseline_predictions(scored, prior, category)
+    for name, b in found.items():
+        rows = [{**r, "prediction": p} for r, p in zip(scored, b["predictions"], strict=True)]
+        rows = [{k: v for k, v in r.items() if k != "judge"} for r in rows]  # the judge read the model
+        bm, _ = score(rows)
+        groups = [(metrics["overall"], bm["overall"])] + [
+            (metrics["breakdowns"][g][v], bm["breakdowns"][g][v])
+            for g in metrics["breakdowns"]
+            for v in metrics["breakdowns"][g]
+        ]
+        for target, source in groups:
+            kept = {k: source[k] for k in BASELINE_METRICS if k in source}
+            kept["ci95"] = {k: source["ci95"][k] for k in kept}
+            target.setdefault("baselines", {})[name] = kept
+    return {name: b["info"] for name, b in found.items()}
+
+
+def build_report(
+    rows: list[dict],
+    run: dict,
+    variants: dict[str, list[dict]] | None = None,
+    prior: dict | None = None,
+) -> dict:
     metrics, scored = score(rows)
     report = {"research_only": RESEARCH_ONLY, "run": run, **metrics}
     # Named at scoring time, as re-scoring an old prediction file applies this medvl's matching.
     report["multiple_choice_matching"] = MATCHING_VERSION
+    report["statistics"] = {"bootstrap": BOOTSTRAP_INFO}
     report["measures"] = (
         "accuracy: share of questions answered correctly (multiple choice: the option extracted by "
         "VLMEvalKit's exact matching; closed/open: normalised exact answer). open_recall: share of "
         "the gold answer's tokens found in the answer. random_guess: expected accuracy of guessing "
-        "uniformly among the non-empty options. unresolved/refused answers count as wrong."
+        "uniformly among the non-empty options. unresolved/refused answers count as wrong. "
+        "[low, high]: 95% percentile-bootstrap interval over the questions. Baselines: majority "
+        "answer per answer type, question-only prior (with a training split)."
     )
+    if scored:
+        report["baselines"] = add_baselines(metrics, scored, prior, PRIMARY_BREAKDOWN.get(run["bench"]))
     if variants:
         report["image_dependence"] = image_dependence(scored, variants)
     ref = reference_for(run["bench"], report)
@@ -175,26 +213,52 @@ def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.2f}"
 
 
-_METRIC_COLUMNS = [
-    ("accuracy", "accuracy %", _pct),
-    ("random_guess", "random guess %", _pct),
-    ("unresolved", "unresolved", str),
-    ("refused", "refused", str),
-    ("closed_accuracy", "closed acc. %", _pct),
-    ("open_recall", "open recall %", _pct),
-    ("open_exact_match", "open exact %", _pct),
+def _pct_ci(value: float | None, ci: list[float] | None) -> str:
+    if value is None:
+        return "–"
+    return _pct(value) if ci is None else f"{_pct(value)} [{_pct(ci[0])}, {_pct(ci[1])}]"
+
+
+def _metric(key: str) -> Callable[[dict], str]:
+    return lambda m: _pct_ci(m[key], m["ci95"].get(key)) if key in m else "–"
+
+
+def _count(key: str) -> Callable[[dict], str]:
+    return lambda m: str(m[key]) if key in m else "–"
+
+
+def _baseline(name: str) -> Callable[[dict], str]:
+    def cell(m: dict) -> str:
+        b = m.get("baselines", {}).get(name)
+        return "–" if b is None else _pct_ci(b["accuracy"], b["ci95"]["accuracy"])
+
+    return cell
+
+
+# (key that must be present in some group, header, cell)
+_METRIC_COLUMNS: list[tuple[str, str, Callable[[dict], str]]] = [
+    ("accuracy", "accuracy % [95% CI]", _metric("accuracy")),
+    ("random_guess", "random guess %", lambda m: _pct(m["random_guess"]) if "random_guess" in m else "–"),
+    *((name, f"{name.replace('_', ' ')} % [95% CI]", _baseline(name)) for name in BASELINES),
+    ("unresolved", "unresolved", _count("unresolved")),
+    ("refused", "refused", _count("refused")),
+    ("closed_accuracy", "closed acc. % [95% CI]", _metric("closed_accuracy")),
+    ("open_recall", "open recall % [95% CI]", _metric("open_recall")),
+    ("open_exact_match", "open exact % [95% CI]", _metric("open_exact_match")),
 ]
 
 
 def _metrics_table(first_header: str, named: dict[str, dict]) -> list[str]:
-    present = [c for c in _METRIC_COLUMNS if any(c[0] in m for m in named.values())]
+    def present(key: str) -> bool:
+        return any(key in m or key in m.get("baselines", {}) for m in named.values())
+
+    columns = [c for c in _METRIC_COLUMNS if present(c[0])]
     lines = [
-        "| " + " | ".join([first_header, "n", *(c[1] for c in present)]) + " |",
-        "|" + "---|" * (len(present) + 2),
+        "| " + " | ".join([first_header, "n", *(c[1] for c in columns)]) + " |",
+        "|" + "---|" * (len(columns) + 2),
     ]
     for name, m in named.items():
-        cells = [fmt(m[key]) if key in m else "–" for key, _, fmt in present]
-        lines.append("| " + " | ".join([name, str(m["n"]), *cells]) + " |")
+        lines.append("| " + " | ".join([name, str(m["n"]), *(cell(m) for _, _, cell in columns)]) + " |")
     return lines
 
 
@@ -221,25 +285,46 @@ def to_markdown(report: dict) -> str:
     ]
     for name, groups in report["breakdowns"].items():
         lines += ["", f"## By {name}", "", *_metrics_table(name, groups)]
+    baselines = report.get("baselines")
+    if baselines:
+        lines += ["", "## Baselines", ""]
+        lines += [f"- {name.replace('_', ' ')}: {info['source']}" for name, info in baselines.items()]
+        prior = baselines.get("question_prior")
+        if prior:
+            lines.append(
+                f"- question prior: {prior['seen_questions']} of {prior['questions']} questions were asked "
+                "in the training split in the same words; the others get their type's majority answer"
+            )
+        majority = baselines["majority"]["answers"]
+        lines.append(
+            "- majority answers: " + "; ".join(f"{t}: {a!r}" for t, a in sorted(majority.items()))[:1000]
+        )
+    lines += [
+        "",
+        "Intervals: {method}, {samples} resamples, seed {seed}.".format(**report["statistics"]["bootstrap"]),
+    ]
     dep = report.get("image_dependence")
     if dep:
         lines += [
             "",
             "## Image dependence",
             "",
-            "| images | n | accuracy with real images % | accuracy % | drop (points) | answers changed % |",
-            "|---|---|---|---|---|---|",
+            "| images | n | accuracy with real images % | accuracy % | drop (points) [95% CI] "
+            "| McNemar p | answers changed % |",
+            "|---|---|---|---|---|---|---|",
         ]
         for name, v in dep["variants"].items():
+            lo, hi = v["drop_ci95"]
             lines.append(
                 f"| {name} | {v['n']} | {_pct(v['accuracy_with_images'])} | {_pct(v['accuracy'])} | "
-                f"{100 * v['drop']:.2f} | {_pct(v['answers_changed'])} |"
+                f"{100 * v['drop']:.2f} [{100 * lo:.2f}, {100 * hi:.2f}] | {v['mcnemar']['p_value']:.3g} | "
+                f"{_pct(v['answers_changed'])} |"
             )
         verdict = (
-            f"**Flagged:** accuracy drops by less than {100 * dep['margin']:.0f} points without the real "
-            "images; this model's answers do not measurably depend on the image."
+            "**Flagged:** the paired 95% interval of the accuracy drop includes 0 (or lies below it) for "
+            "every kind of missing image: this model's answers do not measurably depend on the image."
             if dep["image_independent"]
-            else f"Accuracy drops by at least {100 * dep['margin']:.0f} points without the real images."
+            else "Accuracy drops measurably without the real images (a drop interval above 0)."
         )
         lines += ["", verdict]
     ref = report.get("reference")
@@ -332,32 +417,136 @@ def write_report(report: dict, rows: list[dict], out: Path) -> None:
         plot_reports([report], [report["run"].get("model", "this run")], out / "report.png")
 
 
-def compare(reports: list[Path], out: Path) -> Path:
-    """Several runs' report.json side by side: compare.png and compare.md in `out`."""
-    loaded = [json.loads(Path(p).read_text(encoding="utf-8")) for p in reports]
-    benches = {r["run"]["bench"] for r in loaded}
+def _run_predictions(path: Path) -> Path:
+    """A run given as its folder, its report.json or its prediction file -> the prediction file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "predictions.jsonl"
+    elif path.name == "report.json":
+        path = path.with_name("predictions.jsonl")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: prediction file not found (give a run folder of medvl eval)")
+    return path
+
+
+def paired_comparison(a: list[dict], b: list[dict]) -> dict:
+    """Two runs' scored rows on the same questions (same order): run A's accuracy minus run B's with
+    its paired-bootstrap interval, and McNemar's test, overall and per breakdown group (A's groups)."""
+
+    def compare_rows(pairs: list[tuple[dict, dict]]) -> dict:
+        ca, cb = [x["correct"] for x, _ in pairs], [y["correct"] for _, y in pairs]
+        diff = paired_difference([float(x) for x in ca], [float(y) for y in cb])
+        return {
+            "n": len(pairs),
+            "accuracy_a": sum(ca) / len(pairs),
+            "accuracy_b": sum(cb) / len(pairs),
+            "difference": diff["difference"],
+            "ci95": diff["ci95"],
+            "mcnemar": mcnemar(ca, cb),
+        }
+
+    pairs = list(zip(a, b, strict=True))
+    out = {"overall": compare_rows(pairs), "breakdowns": {}}
+    for name in sorted({g for r in a for g in r.get("groups", {})}):
+        values = sorted({r["groups"][name] for r in a if name in r.get("groups", {})})
+        out["breakdowns"][name] = {
+            v: compare_rows([(x, y) for x, y in pairs if x.get("groups", {}).get(name) == v]) for v in values
+        }
+    return out
+
+
+def _load_run(path: Path) -> tuple[str, dict, list[dict]]:
+    pred = _run_predictions(path)
+    rows = read_predictions(pred)
+    run_file = pred.parent / "run.json"
+    run = json.loads(run_file.read_text()) if run_file.exists() else {"model": "unknown"}
+    run.setdefault("bench", rows[0].get("bench", "custom") if rows else "custom")
+    metrics, scored = score(rows)
+    label = f"{run.get('model')} ({pred.parent.name})"
+    return label, {"run": run, **metrics}, scored
+
+
+def compare(runs: list[Path], out: Path) -> Path:
+    """Runs of one benchmark side by side (compare.png, compare.md, compare.json in `out`). Each
+    later run is paired with the first on the same questions, matched by question id: accuracy
+    difference (first minus later) with its paired-bootstrap interval and McNemar's test, overall and
+    per group. Runs on different question sets are refused."""
+    if len(runs) < 2:
+        raise ValueError("--compare needs two or more runs (folders of medvl eval)")
+    loaded = [_load_run(Path(p)) for p in runs]
+    benches = {r["run"]["bench"] for _, r, _ in loaded}
     if len(benches) > 1:
         raise ValueError(
-            f"these reports are of different benchmarks ({', '.join(sorted(benches))}): compare one at a time"
+            f"these runs are of different benchmarks ({', '.join(sorted(benches))}): compare one at a time"
         )
-    labels = [
-        f"{r['run'].get('model')} ({Path(p).parent.name})" for r, p in zip(loaded, reports, strict=True)
-    ]
+    first_label, _, first = loaded[0]
+    ids = [r["id"] for r in first]
+    pairs = {}
+    for label, _, scored in loaded[1:]:
+        by_id = {r["id"]: r for r in scored}
+        if set(by_id) != set(ids):
+            common = len(set(by_id) & set(ids))
+            raise ValueError(
+                f"{first_label} and {label} were not run on the same questions "
+                f"({len(ids)} and {len(by_id)} scored, {common} in common): compare runs of one question set"
+            )
+        other = [by_id[i] for i in ids]
+        differ = next((a["id"] for a, b in zip(first, other, strict=True) if a["answer"] != b["answer"]), "")
+        if differ:
+            raise ValueError(f"{first_label} and {label} give question {differ!r} different gold answers")
+        pairs[label] = paired_comparison(first, other)
+    labels = [label for label, _, _ in loaded]
+    reports = [r for _, r, _ in loaded]
     out.mkdir(parents=True, exist_ok=True)
-    plot_reports(loaded, labels, out / "compare.png")
-    breakdown = _primary(loaded[0])
-    names = list(loaded[0]["breakdowns"].get(breakdown, {})) if breakdown else []
+    plot_reports(reports, labels, out / "compare.png")
+    result = {
+        "research_only": RESEARCH_ONLY,
+        "bench": reports[0]["run"]["bench"],
+        "runs": [{"label": lab, "path": str(p)} for lab, p in zip(labels, runs, strict=True)],
+        "a": first_label,
+        "bootstrap": BOOTSTRAP_INFO,
+        "paired": pairs,
+    }
+    (out / "compare.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+    breakdown = _primary(reports[0])
+    names = list(reports[0]["breakdowns"].get(breakdown, {})) if breakdown else []
     lines = [
-        f"# Comparison ({loaded[0]['run']['bench']})",
+        f"# Comparison ({result['bench']})",
         "",
         f"*{RESEARCH_ONLY}*",
         "",
-        "| run | overall accuracy % | " + " | ".join(names) + " |",
+        "| run | overall accuracy % [95% CI] | " + " | ".join(names) + " |",
         "|---|---|" + "---|" * len(names),
     ]
-    for label, r in zip(labels, loaded, strict=True):
+    for label, r in zip(labels, reports, strict=True):
         cells = [_pct(r["breakdowns"].get(breakdown, {}).get(n, {}).get("accuracy")) for n in names]
-        lines.append(f"| {label} | {_pct(r['overall']['accuracy'])} | " + " | ".join(cells) + " |")
+        o = r["overall"]
+        overall = _pct_ci(o["accuracy"], o["ci95"]["accuracy"])
+        lines.append(f"| {label} | {overall} | " + " | ".join(cells) + " |")
+    for label, p in pairs.items():
+        lines += [
+            "",
+            f"## A = {first_label} vs B = {label} (paired, same questions)",
+            "",
+            "| group | n | A % | B % | A − B (points) [95% CI] | A only right | B only right "
+            "| McNemar p (test) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        rows = [("all", p["overall"])] + [
+            (f"{g}: {v}", c) for g, groups in p["breakdowns"].items() for v, c in groups.items()
+        ]
+        for name, c in rows:
+            m = c["mcnemar"]
+            lines.append(
+                f"| {name} | {c['n']} | {_pct(c['accuracy_a'])} | {_pct(c['accuracy_b'])} | "
+                f"{100 * c['difference']:.2f} [{100 * c['ci95'][0]:.2f}, {100 * c['ci95'][1]:.2f}] | "
+                f"{m['a_only']} | {m['b_only']} | {m['p_value']:.3g} ({m['method']}) |"
+            )
+    lines += [
+        "",
+        f"Intervals: {BOOTSTRAP_INFO['method']} (the same resampled questions for both runs), "
+        f"{BOOTSTRAP_INFO['samples']} resamples, seed {BOOTSTRAP_INFO['seed']}.",
+    ]
     path = out / "compare.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

@@ -3,9 +3,9 @@ score it against the reference with the metrics of :mod:`medvl.eval.report_metri
 baselines the same way (the most frequent training report; the training report of the nearest
 image), and write report.json and report.md.
 
-Files in `out`: `predictions.jsonl` (one generated report per study, appended batch by batch, so a
-killed run continues where it stopped), `baselines.jsonl`, `run.json`, `scored.jsonl` (each study's
-scores), `report.json`, `report.md`. See docs/eval.md, "Report generation".
+Files in `out`: `predictions.jsonl` (one generated report per study, written from a resumable job
+in `jobs/image/`, so a killed run continues where it stopped), `baselines.jsonl`, `run.json`,
+`scored.jsonl` (each study's scores), `report.json`, `report.md`. See docs/eval.md, "Report generation".
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from PIL import Image
 import medvl
 from medvl import RESEARCH_ONLY
 from medvl.eval.benchmarks import BenchmarkError
-from medvl.eval.harness import Answerer, LocalModel, as_answerer, predict, prediction_path
+from medvl.eval.harness import Answerer, APIModel, LocalModel, as_answerer, predict, prediction_path
 from medvl.eval.radiology import (
     CT_REGION,
     CT_SLICE_FRACTIONS,
@@ -396,12 +396,14 @@ def evaluate_reports(
         "medvl_version": medvl.__version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    predictions = prediction_path(out)
+    if isinstance(answerer, APIModel) and answerer.client.cache_dir is None:
+        answerer = answerer.with_options(cache_dir=out / "llm-cache")
     rows = predict(
         answerer,
         to_items(test, section),
-        predictions,
+        prediction_path(out),
         bench=bench,
+        config={k: run[k] for k in ("model", "bench", "data", "split", "section", "max_images")},
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         progress=progress,
@@ -537,8 +539,6 @@ def report_cli(
     options: list[str],
 ) -> str:
     """`medvl eval --bench <report set>`: run (or with `rescore`, re-score) and return the summary."""
-    from medvl.eval.harness import APIModel
-
     kwargs, clinical = parse_report_options(options)
     if rescore:
         scoring = {k: kwargs[k] for k in ("meteor", "device") if k in kwargs}

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medvl.eval.matching import REFUSED, extract_choice
+from medvl.eval.stats import mean_interval
 
 if TYPE_CHECKING:
     from medvl.llm import LLMClient
@@ -80,25 +81,28 @@ def _mean(values: list[float]) -> float | None:
 
 def summarize(scored: list[dict]) -> dict:
     """Metrics of a set of scored rows. `accuracy` is the share answered correctly (option letter,
-    or normalised exact answer); the per-kind fields say which measure each part is."""
+    or normalised exact answer); the per-kind fields say which measure each part is. `ci95` holds
+    each mean metric's 95% bootstrap interval over these questions (:mod:`medvl.eval.stats`)."""
     mc = [r for r in scored if r["kind"] == "mc"]
     closed = [r for r in scored if r["kind"] == "closed"]
     open_ = [r for r in scored if r["kind"] == "open"]
-    out: dict = {"n": len(scored), "accuracy": _mean([float(r["correct"]) for r in scored])}
+    per_question: dict[str, list[float]] = {"accuracy": [float(r["correct"]) for r in scored]}
+    out: dict = {"n": len(scored)}
     if mc:
+        per_question["random_guess"] = [1 / len(r["options"]) for r in mc]
         out |= {
-            "random_guess": _mean([1 / len(r["options"]) for r in mc]),
             "unresolved": sum(r["choice"] is None for r in mc),
             "refused": sum(r["choice"] == REFUSED for r in mc),
         }
     if closed:
-        out |= {"closed_n": len(closed), "closed_accuracy": _mean([float(r["correct"]) for r in closed])}
+        out["closed_n"] = len(closed)
+        per_question["closed_accuracy"] = [float(r["correct"]) for r in closed]
     if open_:
-        out |= {
-            "open_n": len(open_),
-            "open_recall": _mean([r["recall"] for r in open_]),
-            "open_exact_match": _mean([float(r["correct"]) for r in open_]),
-        }
+        out["open_n"] = len(open_)
+        per_question["open_recall"] = [r["recall"] for r in open_]
+        per_question["open_exact_match"] = [float(r["correct"]) for r in open_]
+    out |= {name: _mean(values) for name, values in per_question.items()}
+    out["ci95"] = {name: mean_interval(values) for name, values in per_question.items()}
     return out
 
 
