@@ -600,3 +600,83 @@ def test_kill_9_then_rerun_gives_identical_outputs(tmp_path):
     assert c["read"] == len(g.samples) == c["kept"] + c["rejected"] + c["quarantined"]
     summary = json.loads((a / "scores" / "summary.json").read_text())
     assert summary["read"] == summary["kept"] == len(g.samples)  # one score row per sample, kept or not
+
+
+FACTS = {
+    "modality": "CT",
+    "labels": ["Liver"],
+    "negatives": ["Spleen"],
+    "label_space": ["Kidney", "Liver", "Spleen"],
+}
+
+
+@pytest.mark.parametrize(
+    "turns, image, score",
+    [
+        ([("<image>\nIs there a spleen?", "No, the spleen is not seen.")], "x.png", 2),
+        ([("<image>\nIs there a spleen?", "Yes.")], "x.png", 0),
+        ([("<image>\nIs the liver visible?", "No.")], "x.png", 0),
+        (
+            [
+                ("<image>\nDescribe it.", "A CT slice; the liver is seen."),
+                ("Any liver?", "There is no liver."),
+            ],
+            "x.png",
+            0,
+        ),
+        ([("<image>\nHow much?", "The liver covers 140% of the image.")], "x.png", 0),
+        ([("<image>\nWhat is this?", "An ultrasound of the liver.")], "x.png", 0),
+        ([("<image>\nWhat is this?", "A CT image, made with X-rays, showing the liver.")], "x.png", 2),
+        ([("What is a CT scan?", "A CT scan combines X-ray projections into slices.")], None, 2),
+    ],
+)
+def test_clinical_rules(turns, image, score):
+    from medvl.quality.judge import rule_checks
+
+    conv = [{"from": w, "value": v} for q, a in turns for w, v in (("human", q), ("gpt", a))]
+    sample = {"conversations": conv, **({"image": image} if image else {})}
+    assert rule_checks(sample, FACTS)[0] == score
+
+
+def test_generate_then_quality_then_mix_then_train(tmp_path, tiny_model_dir):
+    """The engine end to end on hand-built curated records: template generation, quality (with the
+    records' own test-split image as a benchmark), a stage mixture, two training steps."""
+    from test_generate import record, write_curated
+    from test_mix import write_mix
+    from test_train import stage_yaml
+
+    from medvl.data.mix import mix
+    from medvl.generate.pipeline import generate
+    from medvl.generate.template import TemplateBackend
+    from medvl.train.config import load_config
+    from medvl.train.loop import train_stage
+
+    rows = [record(i) for i in range(8)] + [record(99, split="test")]
+    rows[7] = record(7, image=rows[8]["image"])  # a training record whose image is the test record's
+    src = write_curated(tmp_path / "cur", rows)
+    gen = tmp_path / "gen"
+    g = generate([src], gen, TemplateBackend(), zh_share=0.5, seed=0)
+    out = tmp_path / "q"
+    report = quality([gen], out, load_thresholds(), benchmarks=[src / "data"])
+    c = report["counts"]
+    assert c["read"] == g["kept"] == c["kept"] + c["rejected"] and c["kept"] > 0
+    assert report["benchmark"]["images_seen"] == 1
+    (dropped,) = report["benchmark"]["dropped"]
+    assert dropped["samples"] == sum("image" in s for s in rows_of_record(gen, "hand/ct0007.png"))
+    kept = [json.loads(x) for x in (out / "kept.jsonl").read_text().splitlines()]
+    assert not any(s["provenance"]["record_id"] == "hand/ct0007.png" and "image" in s for s in kept)
+    spec = {"seed": 0, "sources": [{"name": "hand", "path": "q/kept.jsonl", "fraction": 1.0}]}
+    m = mix(write_mix(tmp_path, "stage2", spec), tmp_path / "mix")
+    assert m["total"] == c["kept"] and set(m["by_language"]) == {"en", "zh"}
+    cfg = load_config(
+        stage_yaml(
+            tmp_path, tiny_model_dir, tmp_path / "mix" / "stage2.json", "e2e", max_steps=2, max_length=2048
+        )
+    )
+    train_stage(cfg)
+    assert len(json.loads((cfg.output_dir / "history.json").read_text())) == 2
+
+
+def rows_of_record(gen: Path, record_id: str) -> list[dict]:
+    samples = [json.loads(x) for x in (gen / "samples.jsonl").read_text().splitlines()]
+    return [s for s in samples if s["provenance"]["record_id"] == record_id]

@@ -100,17 +100,19 @@ def _modality_words(text: str) -> set[str]:
 
 
 def rule_checks(sample: dict, facts: dict) -> tuple[int, str]:
-    """Clinical and logical checks in code (no judge): the replies name no other modality than the
-    image's; a yes/no answer about a label agrees with the facts (positive: yes; verified absent: no);
-    no label is both affirmed and denied across the replies; no percentage above 100. 2 when all pass,
-    0 with the first failure otherwise (these rules know no "doubtful")."""
+    """Clinical and logical checks in code (no judge): replies about an image that name a modality
+    name the image's; a yes/no answer about a label agrees with the facts (positive: yes; verified
+    absent: no); no label is both affirmed and denied across the replies; no percentage above 100.
+    2 when all pass, 0 with the first failure otherwise (these rules know no "doubtful")."""
     from medvl.samples import assertions, mentions
 
     rs = replies(sample)
     modality = facts.get("modality")
     named = set().union(*(_modality_words(r) for r in rs)) if rs else set()
-    if modality in MODALITY_WORDS and named - {modality}:
-        return 0, f"reply names {', '.join(sorted(named - {modality}))} but the image is {modality}"
+    # Only a reply about an image that names another modality and never the image's own contradicts it
+    # ("a CT uses X-rays" does not; text-only knowledge answers have no image to contradict).
+    if sample.get("image") and modality in MODALITY_WORDS and named and modality not in named:
+        return 0, f"reply names {', '.join(sorted(named))} but the image is {modality}"
     labels, negatives = set(facts.get("labels") or []), set(facts.get("negatives") or [])
     terms = set(facts.get("label_space") or []) | labels
     for q, r in zip(questions(sample), rs, strict=False):
