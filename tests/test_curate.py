@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,10 @@ import yaml
 from PIL import Image
 
 from medvl.curate.card import CardError, load_card
-from medvl.curate.images import box_iou, mask_boxes
+from medvl.curate.images import box_iou, mask_boxes, mask_regions
 from medvl.curate.pipeline import curate
+from medvl.errors import InputError
+from medvl.records import read_rows
 from medvl.vocab import BODY_REGIONS, DEPARTMENTS, MODALITIES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,6 +111,37 @@ def test_card_errors_name_file_and_key(tmp_path):
     for name in ("slake", "pydicom-samples", "pydicom-data-samples", "nibabel-samples", "synthetic-3d"):
         card = load_card(CARDS / f"{name}.yaml")
         assert card.research_only and card.license
+    assert {p.stem for p in CARDS.glob("*.yaml")} >= {"bccd", "breastmnist", "spleen-ct", "spine-mri"}
+    for path in CARDS.glob("*.yaml"):
+        card = load_card(path)
+        assert card.research_only and card.license and (card.labels() or not card.exhaustive_labels)
+    # The split block and the label-space keys are checked like every other key, in one line.
+    voc = {**good, "adapter": "voc", "options": {}}
+    for patch, key, words in [
+        (
+            {"split": {"from": "files", "files": {"holdout": "h.txt"}}},
+            "split.files",
+            "unknown split 'holdout'",
+        ),
+        ({"split": {"from": "files"}}, "split", "`from: files` needs `files`"),
+        (
+            {"split": {"from": "pattern", "files": {"train": "t.txt"}}},
+            "split",
+            "`files` belongs to `from: files`",
+        ),
+        ({"split": {"from": "guess"}}, "split.from", "'files', 'pattern' or 'index'"),
+        ({"split": {"from": "index", "precedence": ["test", "tst"]}}, "split.precedence", "named twice"),
+        ({**voc, "split": {"from": "index"}}, "<card>", "reads no splits of its own"),
+        ({"label_names": {}, "exhaustive_labels": True}, "<card>", "needs a label space"),
+        ({"label_space": "lung"}, "label_space", "valid list"),
+    ]:
+        p = tmp_path / "bad.yaml"
+        p.write_text(yaml.safe_dump({**good, **patch}))
+        with pytest.raises(CardError) as e:
+            load_card(p)
+        assert f"key '{key}" in str(e.value) and words in str(e.value) and "\n" not in str(e.value), str(
+            e.value
+        )
 
 
 # ---------------------------------------------------------------- SLAKE
@@ -148,6 +182,46 @@ def test_slake_end_to_end(tmp_path, monkeypatch):
     assert with_mask and all(r["mask_boxes"] or not r["boxes"] for r in with_mask)
     iou = report["mask_box_iou"]
     assert iou["n"] == sum(len(r["boxes"]) for r in with_mask) and iou["p50"] > 0.9
+    # Splits come from the index files. They split questions, and some images have questions in several:
+    # such an image takes the most held-out split that lists it (the card's precedence).
+    listed = {
+        split: {"imgs/" + q["img_name"] for q in json.loads((SLAKE / f).read_text())}
+        for split, f in (("train", "train.json"), ("validation", "validate.json"), ("test", "test.json"))
+    }
+    assert listed["train"] & listed["test"]  # the premise of the precedence
+    want = {f: "test" for f in listed["test"]}
+    want |= {f: "validation" for f in listed["validation"] - listed["test"]}
+    want |= {f: "train" for f in listed["train"] - listed["validation"] - listed["test"]}
+    assert {f: r["split"] for f, r in recs.items()} == {f: want[f] for f in recs}
+    assert report["by_source"]["slake"]["splits"] == dict(sorted(Counter(want[f] for f in recs).items()))
+    # Not exhaustive, over the card's label space, which holds every label of every record.
+    annotation = json.loads(next(iter(recs.values()))["annotation"])
+    assert annotation["exhaustive"] is False and annotation["label_space"] == card.labels()
+    assert all(set(r["labels"]) <= set(card.labels()) for r in recs.values())
+    # Regions: one per label of the mask, plausible everywhere, and exactly the mask's on a known image.
+    for r in with_mask:
+        for g in json.loads(r["regions"]):
+            assert 0 < g["area_share"] < 1 and g["label"] in card.label_names.values()
+            assert (
+                g["x_min"] <= g["cx"] * r["width"] <= g["x_max"]
+                and g["y_min"] <= g["cy"] * r["height"] <= g["y_max"]
+            )
+    mask = np.asarray(Image.open(SLAKE / "imgs/xmlab0/mask.png").convert("L"))
+    liver = next(v for v, name in card.label_names.items() if name == "Liver")
+    ys, xs = np.nonzero(mask == liver)
+    (region,) = [g for g in json.loads(recs["imgs/xmlab0/source.jpg"]["regions"]) if g["label"] == "Liver"]
+    assert region["area_share"] == pytest.approx(len(xs) / mask.size, abs=1e-6)
+    assert (region["cx"], region["cy"]) == pytest.approx(
+        ((xs.mean() + 0.5) / mask.shape[1], (ys.mean() + 0.5) / mask.shape[0]), abs=1e-4
+    )
+    assert [region[k] for k in ("x_min", "y_min", "x_max", "y_max")] == [
+        xs.min(),
+        ys.min(),
+        xs.max() + 1,
+        ys.max() + 1,
+    ]
+    (given,) = [b for b in recs["imgs/xmlab0/source.jpg"]["boxes"] if b["label"] == "Liver"]
+    assert box_iou(given, region) > 0.9  # the mask and detection.json outline the same liver
     card_md = (out / "dataset_card.md").read_text()
     assert "Research use only" in card_md and f"read {len(images)} =" in card_md
     for plot in ("original_task", "modality", "department", "clinical_task"):
@@ -524,6 +598,22 @@ def test_mask_boxes_and_iou_units():
         ("a", 8, 6, 11, 9),
         ("b", 4, 4, 5, 5),
     ]
+    # Regions pool every component of a label (values naming one label pool too): share of the image's
+    # pixels, centroid of pixel centres as fractions, box around all of them.
+    regions = mask_regions(lab, {1: "a", 2: "a", 3: "c"})
+    assert regions == [
+        dict(
+            label="a",
+            area_share=round(16 / 120, 6),
+            cx=round(105 / 16 / 12, 4),
+            cy=round(84 / 16 / 10, 4),
+            x_min=1,
+            y_min=1,
+            x_max=11,
+            y_max=9,
+        )
+    ]
+    assert mask_regions(lab, {7: "none"}) == []
     a = dict(x_min=0, y_min=0, x_max=10, y_max=10)
     assert box_iou(a, a) == 1.0 and box_iou(a, dict(x_min=5, y_min=0, x_max=15, y_max=10)) == pytest.approx(
         1 / 3
@@ -826,3 +916,248 @@ def test_cli(tmp_path, synth_card):
     bad.write_text("name: x\n")
     res = CliRunner().invoke(app, ["--card", str(bad), "--out", str(tmp_path / "p")])
     assert res.exit_code == 2 and "bad.yaml" in res.output
+
+
+# ---------------------------------------------------------------- the other real sources, splits, npz
+
+
+@pytest.mark.skipif(not (SHARED / "breastmnist").is_dir(), reason="shared data not present")
+def test_real_sources_curate_with_their_splits(tmp_path, monkeypatch):
+    """BCCD, BreastMNIST, the spleen CT and the spine MRI in one run, each by its shipped card."""
+    monkeypatch.setenv("MEDVL_SHARED_DATA", str(SHARED))
+    names = ("bccd", "breastmnist", "spleen-ct", "spine-mri")
+    cards = [load_card(CARDS / f"{n}.yaml") for n in names]
+    out = tmp_path / "real"
+    report = curate(cards, out, workers=2)
+    assert_balanced(report, out)
+    assert report["counts"]["quarantined"] == 0 and not report["counts"]["dropped"]
+    recs = records(out, image=False)
+    by = {n: [r for r in recs if r["source"] == n] for n in names}
+    for r in recs:
+        assert (
+            r["modality"] in MODALITIES
+            and r["body_region"] in BODY_REGIONS
+            and r["department"] in DEPARTMENTS
+        )
+        assert set(r["labels"]) <= set(json.loads(r["annotation"])["label_space"])
+
+    # BreastMNIST: one record per array row, split by array prefix, with MedMNIST's counts.
+    npz = np.load(SHARED / "breastmnist" / "breastmnist.npz")
+    want = {
+        "train": len(npz["train_images"]),
+        "validation": len(npz["val_images"]),
+        "test": len(npz["test_images"]),
+    }
+    assert (
+        Counter(r["split"] for r in by["breastmnist"])
+        == want
+        == {"train": 546, "validation": 78, "test": 156}
+    )
+    row = next(r for r in by["breastmnist"] if r["id"] == "breastmnist/breastmnist.npz/test_images#row3")
+    assert (row["file"], row["index"], row["index_kind"], row["width"]) == (
+        "breastmnist.npz/test_images",
+        3,
+        "row",
+        28,
+    )
+    assert row["labels"] == [["malignant", "normal or benign"][int(npz["test_labels"][3])]]
+    assert json.loads(row["annotation"]) == {
+        "exhaustive": True,
+        "label_space": ["malignant", "normal or benign"],
+    }
+    # The source's one pixel-identical train/test pair is kept and marked, not dropped.
+    leaks = [r for r in by["breastmnist"] if r["duplicate_of"] and r["split"] == "test"]
+    assert any(r["duplicate_of"].startswith("breastmnist/breastmnist.npz/train_images#") for r in leaks)
+
+    # BCCD: ImageSets/Main's lists, labels renamed, not exhaustive.
+    main = SHARED / "bccd" / "BCCD" / "ImageSets" / "Main"
+    lists = {
+        s: set(main.joinpath(f"{f}.txt").read_text().split())
+        for s, f in [("train", "train"), ("validation", "val"), ("test", "test")]
+    }
+    assert {Path(r["file"]).stem: r["split"] for r in by["bccd"]} == {
+        k: s for s, ks in lists.items() for k in ks
+    }
+    assert {x for r in by["bccd"] for x in r["labels"]} == {"red blood cell", "white blood cell", "platelet"}
+    assert json.loads(by["bccd"][0]["annotation"])["exhaustive"] is False
+    assert all(json.loads(r["regions"]) == [] for r in by["bccd"])  # boxes, no masks
+
+    # Volumes: no split of their own; each labelled slice has the label's region, inside its boxes.
+    for name, label in (("spleen-ct", "spleen"), ("spine-mri", "spinal cord")):
+        slices = by[name]
+        assert (
+            slices and {r["split"] for r in slices} == {""} and {r["index_kind"] for r in slices} == {"slice"}
+        )
+        assert json.loads(slices[0]["annotation"]) == {"exhaustive": True, "label_space": [label]}
+        for r in slices:
+            regions = json.loads(r["regions"])
+            assert [g["label"] for g in regions] == ([label] if r["labels"] else [])
+            for g in regions:
+                assert 0 < g["area_share"] < 1
+                assert (
+                    min(b["x_min"] for b in r["boxes"]) == g["x_min"]
+                    and max(b["y_max"] for b in r["boxes"]) == g["y_max"]
+                )
+    assert {r["file"] for r in by["spine-mri"]} == {"t1/t1w.nii.gz", "t2/t2.nii.gz"}  # masks are no images
+    assert report["by_source"]["breastmnist"]["splits"] == dict(sorted(want.items()))
+
+
+def write_npz(path: Path, **arrays) -> None:
+    np.savez_compressed(path, **arrays)
+
+
+def test_npz_arrays_and_their_faults(tmp_path):
+    rng = np.random.default_rng(4)
+    root = tmp_path / "mnist"
+    root.mkdir()
+    img = lambda n: rng.integers(0, 256, (n, 12, 12), dtype=np.uint8)  # noqa: E731
+    write_npz(
+        root / "good.npz",
+        train_images=img(5),
+        train_labels=np.array([[0], [1], [2], [1], [0]], np.uint8),  # (N, 1) as MedMNIST ships it
+        val_images=img(2),
+        val_labels=np.array([1, 0]),
+        test_images=img(3),
+        test_labels=np.array([0, 1, 9]),  # class 9 is not in the card
+    )
+    write_npz(root / "short.npz", train_images=img(4), train_labels=np.array([0, 1, 0]))
+    write_npz(root / "floats.npz", train_images=img(2).astype(np.float32), train_labels=np.array([0, 1]))
+    write_npz(root / "nolabels.npz", test_images=img(2))
+    write_npz(root / "other.npz", x=np.zeros(3))
+    (root / "junk.npz").write_bytes(b"PK\x03\x04 not a zip")
+    card = write_card(
+        root,
+        name="mnist",
+        adapter="npz",
+        modality="Ultrasound",
+        label_names={0: "a", 1: "b", 2: "c"},
+        exhaustive_labels=True,
+        split={"from": "index"},
+        options={"rows_per_item": 2},
+    )
+    out = tmp_path / "out"
+    report = curate([load_card(card)], out, workers=1)
+    assert_balanced(report, out)
+    got = {r["id"]: (r["split"], r["labels"]) for r in records(out, image=False)}
+    assert got == {
+        "mnist/good.npz/train_images#row0": ("train", ["a"]),
+        "mnist/good.npz/train_images#row1": ("train", ["b"]),
+        "mnist/good.npz/train_images#row2": ("train", ["c"]),
+        "mnist/good.npz/train_images#row3": ("train", ["b"]),
+        "mnist/good.npz/train_images#row4": ("train", ["a"]),
+        "mnist/good.npz/val_images#row0": ("validation", ["b"]),
+        "mnist/good.npz/val_images#row1": ("validation", ["a"]),
+        "mnist/good.npz/test_images#row0": ("test", ["a"]),
+        "mnist/good.npz/test_images#row1": ("test", ["b"]),
+    }
+    q = quarantine(out)
+    lines = {(e["file"], e["field"]): e["problem"] for e in q}
+    assert all("\n" not in e["problem"] for e in q)
+    assert "class 9 is not in the card's label_names" in lines[("good.npz/test_labels#2", "label_names")]
+    assert lines[("short.npz", "train_labels")] == "3 labels for 4 images"
+    assert "expected uint8 (N, H, W) or (N, H, W, 3), got float32" in lines[("floats.npz", "train_images")]
+    assert lines[("nolabels.npz", "test_labels")] == "array missing"
+    assert lines[("other.npz", "arrays")] == "no train/val/test_images arrays (has x)"
+    assert lines[("junk.npz", "arrays")] == "not a readable .npz (zip) file"
+    # A bad array quarantines each of its items (runs of rows), the rest of the file is kept.
+    assert sum(e["file"] == "short.npz" for e in q) == 2
+
+
+def test_split_lists_patterns_and_precedence(tmp_path):
+    rng = np.random.default_rng(5)
+    root = tmp_path / "derm"
+    for c in ("nevus", "melanoma"):
+        (root / c).mkdir(parents=True)
+    for i, c in enumerate(["nevus"] * 3 + ["melanoma"] * 3):
+        Image.fromarray((rng.random((24, 24, 3)) * 255).astype(np.uint8)).save(root / c / f"im{i}.png")
+    sets = root / "sets"
+    sets.mkdir()
+    (sets / "train.txt").write_text("im0\nim1\n\n# a comment\nim3\n")
+    (sets / "val.txt").write_text("im2\nim3\n")  # im3 is in two lists
+    (sets / "test.txt").write_text("melanoma/im4.png\n")  # a path: reduced to its stem
+    common = dict(
+        adapter="folder", label_space=["nevus", "melanoma"], dedup={"exact": "keep", "near": "keep"}
+    )
+    files = {"train": "sets/train.txt", "val": "sets/val.txt", "test": "sets/test.txt"}
+    strict = write_card(root, name="lists", split={"from": "files", "files": files}, **common)
+    out = tmp_path / "lists"
+    report = curate([load_card(strict)], out, workers=1)
+    assert_balanced(report, out)
+    got = {Path(r["file"]).stem: r["split"] for r in records(out, image=False)}
+    assert got == {"im0": "train", "im1": "train", "im2": "validation", "im4": "test", "im5": ""}
+    (e,) = quarantine(out)
+    assert (e["file"], e["field"]) == ("melanoma/im3.png", "split")
+    assert (
+        e["problem"]
+        == "listed in 2 splits: train (sets/train.txt), validation (sets/val.txt) (no `precedence`)"
+    )
+    # With a precedence the item takes the first split listed there that lists it.
+    ranked = write_card(
+        root, name="ranked", split={"from": "files", "files": files, "precedence": ["test", "val"]}, **common
+    )
+    curate([load_card(ranked)], tmp_path / "ranked", workers=1)
+    assert {Path(r["file"]).stem: r["split"] for r in records(tmp_path / "ranked", image=False)}[
+        "im3"
+    ] == "validation"
+    # Glob patterns on the file.
+    pattern = write_card(
+        root,
+        name="globs",
+        split={"from": "pattern", "patterns": {"nevus/*": "training", "*/im[45].png": "dev"}},
+        **common,
+    )
+    curate([load_card(pattern)], tmp_path / "globs", workers=1)
+    got = {Path(r["file"]).stem: r["split"] for r in records(tmp_path / "globs", image=False)}
+    assert got == {
+        "im0": "train",
+        "im1": "train",
+        "im2": "train",
+        "im3": "",
+        "im4": "validation",
+        "im5": "validation",
+    }
+    # A list file that is missing stops the run in one line naming it, before anything is written.
+    missing = write_card(
+        root, name="missing", split={"from": "files", "files": {**files, "test": "sets/nope.txt"}}, **common
+    )
+    with pytest.raises(InputError) as err:
+        curate([load_card(missing)], tmp_path / "missing", workers=1)
+    assert str(err.value).startswith("sets/nope.txt: split: test list file not found") and "\n" not in str(
+        err.value
+    )
+    assert not (tmp_path / "missing" / "data").exists()
+    # A label outside a declared label space is quarantined, not silently kept.
+    narrow = write_card(root, name="narrow", adapter="folder", label_space=["nevus"])
+    curate([load_card(narrow)], tmp_path / "narrow", workers=1)
+    assert {e["field"] for e in quarantine(tmp_path / "narrow")} == {"labels"}
+    assert len(quarantine(tmp_path / "narrow")) == 3
+
+
+def test_synthetic_images_curate_by_their_card(tmp_path):
+    """The card medvl synth writes beside its images curates them like any source."""
+    from medvl.synth.dataset import write_card as write_synth_card
+    from medvl.synth.templates import build_quickstart_data
+
+    data = tmp_path / "data"
+    paths = build_quickstart_data(data, n_train=30, n_bench=12, seed=3, size=64)
+    card = load_card(write_synth_card(data))
+    out = tmp_path / "curated"
+    report = curate([card], out, workers=1)
+    assert_balanced(report, out)
+    assert report["counts"]["quarantined"] == 0 and not report["counts"]["dropped"]
+    synth = {r["image"]: r for r in read_rows([paths["records"], paths["bench_records"]])}
+    recs = {r["file"]: r for r in records(out, image=False)}
+    assert set(recs) == set(synth)
+    for f, r in recs.items():
+        s = synth[f]
+        assert r["split"] == ("train" if s["id"].startswith("train_") else "test")
+        grade = [] if s["grade"] is None else [f"grade {s['grade']}"]
+        finding = [] if s["finding"] == "no finding" else [s["finding"]]
+        assert r["labels"] == [s["anatomy"], *finding, *grade]
+        assert r["modality"] == s["modality"] and r["department"] == s["department"]
+        boxes = [(b["label"], [b["x_min"], b["y_min"], b["x_max"], b["y_max"]]) for b in r["boxes"]]
+        assert boxes == ([] if s["bbox"] is None else [(s["finding"], s["bbox"])])
+        assert json.loads(r["annotation"])["exhaustive"] is True
+        assert (r["width"], r["height"]) == (s["width"], s["height"])
+    assert Counter(r["split"] for r in recs.values()) == {"train": 30, "test": 12}
+    assert sum("no finding" not in r["labels"] for r in recs.values()) == len(recs)

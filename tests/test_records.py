@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from medvl.errors import InputError
-from medvl.records import CURATED_COLUMNS, Strict, curated_features, curated_schema, read_rows
+from medvl.records import CURATED_COLUMNS, Strict, curated_features, curated_schema, read_rows, with_defaults
 
 ROWS = [
     {"id": "a", "n": 1, "tags": ["x"]},
@@ -90,3 +90,18 @@ def test_curated_schema_is_documented_and_decodes_images():
     table = pa.Table.from_pylist([row], schema=schema)
     ds = datasets.Dataset(table)
     assert ds.features == features and ds[0]["image"].size == (5, 4)
+
+
+def test_older_curated_rows_read_with_the_documented_defaults(tmp_path):
+    # A curated part written before split / annotation / regions existed: read_rows returns what is
+    # there, with_defaults adds the later columns as documented, and a value present is never replaced.
+    old = [c.name for c in CURATED_COLUMNS if c.default is None]
+    assert {"split", "annotation", "regions"} <= {c.name for c in CURATED_COLUMNS} - set(old)
+    pq.write_table(pa.Table.from_pylist([{"id": "a", "labels": ["x"]}]), tmp_path / "part-00000.parquet")
+    (row,) = read_rows(tmp_path)
+    assert "split" not in row
+    full = with_defaults(row)
+    assert full["split"] == "" and json.loads(full["regions"]) == []
+    assert json.loads(full["annotation"]) == {"exhaustive": False, "label_space": []}
+    assert full["id"] == "a" and full["labels"] == ["x"]
+    assert with_defaults({"split": "test"})["split"] == "test"

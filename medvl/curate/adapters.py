@@ -246,7 +246,13 @@ class NpzArrays:
     def items(card, opts, root: Path) -> list[dict]:
         items = []
         for rel in _files(root, opts.files, {".npz"}):
-            names, rows = _npz_header(root / rel)
+            header = _npz_header(root / rel)
+            if header is None:  # load() quarantines the file, saying why
+                items.append(
+                    {"id": rel, "file": rel, "prefix": None, "problem": "not a readable .npz (zip) file"}
+                )
+                continue
+            names, rows = header
             for prefix in opts.splits:
                 if f"{prefix}_images" not in names and f"{prefix}_labels" not in names:
                     continue
@@ -257,14 +263,17 @@ class NpzArrays:
                         {"id": f"{rel}/{prefix}#{start}", "file": rel, "prefix": prefix, "start": start}
                     )
             if not any(f"{p}_images" in names or f"{p}_labels" in names for p in opts.splits):
-                items.append({"id": rel, "file": rel, "prefix": None, "start": 0})
+                problem = (
+                    f"no {'/'.join(opts.splits)}_images arrays (has {', '.join(sorted(names)) or 'none'})"
+                )
+                items.append({"id": rel, "file": rel, "prefix": None, "problem": problem})
         return items
 
     @staticmethod
     def load(card, opts, root: Path, item: dict) -> Iterator[SourceImage]:
         rel, prefix = item["file"], item["prefix"]
         if prefix is None:
-            raise InputError(rel, "arrays", f"no {'/'.join(opts.splits)}_images arrays")
+            raise InputError(rel, "arrays", item["problem"])
         images, labels = _npz_arrays(root / rel, rel, prefix)
         stop = min(len(images), item["start"] + opts.rows_per_item)
         for i in range(item["start"], stop):
@@ -287,9 +296,9 @@ class NpzArrays:
             )
 
 
-def _npz_header(path: Path) -> tuple[set[str], dict[str, int | None]]:
+def _npz_header(path: Path) -> tuple[set[str], dict[str, int | None]] | None:
     """Array names of an .npz and their lengths, from the .npy headers only (nothing decompressed beyond
-    them); a length is None where the header cannot be read."""
+    them); a length is None where the header cannot be read; None for a file that is no zip archive."""
     import zipfile
 
     try:
@@ -312,7 +321,7 @@ def _npz_header(path: Path) -> tuple[set[str], dict[str, int | None]]:
                     rows[name] = None
             return names, rows
     except (zipfile.BadZipFile, OSError):
-        return set(), {}
+        return None
 
 
 @lru_cache(maxsize=2)

@@ -13,17 +13,20 @@ def synth(
     seed: int = typer.Option(0, help="Random seed; the same seed gives byte-identical files."),
     size: int = typer.Option(128, help="Image side in pixels."),
 ) -> None:
-    """Write the embedded synthetic data set (images, instruction data, LM corpus, MC benchmark); no download.
+    """Write the embedded synthetic data set (images, instruction data, LM corpus, MC benchmark) and its
+    dataset card (synthetic.yaml, for `medvl curate`); no download.
 
     Six modalities (X-ray, CT from 3D HU phantoms, MR, fundus, dermoscopy, histopathology) with labels for
     modality, region, anatomy, department, finding, bbox, grade and location.
     """
     import json
 
+    from medvl.synth.dataset import write_card
     from medvl.synth.templates import build_quickstart_data
 
     t0 = time.perf_counter()
     paths = build_quickstart_data(out, n_train, n_bench, seed, size)
+    paths["card"] = write_card(out)
     counts = {
         "train images": sum(1 for _ in paths["records"].open()),
         "bench images": sum(1 for _ in paths["bench_records"].open()),
