@@ -231,7 +231,7 @@ def _cell_labels(raw, separator: str | None) -> list[str]:
 @register("npz")
 class NpzArrays:
     """MedMNIST's layout: an .npz per dataset with `<split>_images` (N, H, W) or (N, H, W, 3) uint8 and
-    `<split>_labels` (N,) or (N, 1) class indices (the card's `label_names` name them) or (N, K) 0/1
+    `<split>_labels` (N,) or (N, 1) class indices (the card's `label_names` name them all) or (N, K) 0/1
     multi-label columns. Records are array rows (`file` "x.npz/train_images", `index` the row); an item is
     a run of `rows_per_item` rows, so a large array is not read once per image."""
 
@@ -279,19 +279,14 @@ class NpzArrays:
         for i in range(item["start"], stop):
             # (N, K) labels are multi-label indicators: the columns set to 1
             values = [int(labels[i])] if labels.ndim == 1 else [int(k) for k in np.nonzero(labels[i])[0]]
-            unknown = [v for v in values if v not in card.label_names]
-            if unknown:
-                raise InputError(
-                    f"{rel}/{prefix}_labels#{i}",
-                    "label_names",
-                    f"class {unknown[0]} is not in the card's label_names",
-                )
             yield SourceImage(
                 np.ascontiguousarray(images[i]),
                 f"{rel}/{prefix}_images",
                 i,
                 "row",
-                labels=[card.label_names[v] for v in values],
+                # A class the card does not name keeps its index, and the label-space check quarantines
+                # that row alone.
+                labels=[card.label_names.get(v, str(v)) for v in values],
                 splits=[prefix],
             )
 
