@@ -162,6 +162,12 @@ def term(label: str, lang: str) -> str:
     return label if label.isupper() else label.lower()
 
 
+def plural(label: str, n: int) -> str:
+    """English count noun: "3 red blood cells", "1 platelet" (abbreviations and plurals kept)."""
+    word = term(label, "en")
+    return word if n == 1 or label.isupper() or word.endswith("s") else word + "s"
+
+
 def the(label: str, lang: str) -> str:
     return term(label, lang) if lang == "zh" or label.isupper() else f"the {term(label, lang)}"
 
@@ -200,7 +206,9 @@ def findings(facts: FactSheet, lang: str) -> str:
     counts = facts.counts()
     if counted(facts):
         items = [
-            f"{counts.get(x, 1)}个{term(x, lang)}" if lang == "zh" else f"{counts.get(x, 1)} {term(x, lang)}"
+            f"{counts.get(x, 1)}个{term(x, lang)}"
+            if lang == "zh"
+            else f"{counts.get(x, 1)} {plural(x, counts.get(x, 1))}"
             for x in facts.labels
         ]
     else:
@@ -557,6 +565,8 @@ def perception(facts: FactSheet, lang: str, rng: np.random.Generator) -> list[di
     letter = "ABCDEFGHI"[opts.index(gold)]
     shown = [option_text(kind, o, lang) for o in opts]
     names = {k: (term(v, lang) if k == "a" else v) for k, v in fields.items()}
+    if kind == "count" and lang == "en":
+        names["a"] = plural(fields["a"], 2)
     question = pick(rng, PERCEPTION_QUESTIONS[kind], lang).format(**names)
     options = lettered(shown)
     return [
