@@ -47,6 +47,16 @@ def generate(
         str, typer.Option("--api-key-env", help="openai: environment variable holding the API key.")
     ] = "OPENAI_API_KEY",
     concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="openai: requests in flight.")] = 8,
+    # ---- openai backend: dry run and batch files (see medvl.generate.openai_backend.prepare)
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="openai: print requests, tokens and estimated cost; send none.")
+    ] = False,
+    batch_out: Annotated[
+        Path | None, typer.Option("--batch-out", help="openai: write the requests as a Batch API input file.")
+    ] = None,
+    batch_in: Annotated[
+        Path | None, typer.Option("--batch-in", help="openai: read a Batch API results file into the cache.")
+    ] = None,
 ) -> None:
     """Instruction data in six formats (English and Chinese) from curated records, validated against
     each record's fact sheet."""
@@ -74,6 +84,19 @@ def generate(
         )  # fmt: skip
     else:
         raise typer.BadParameter("--backend must be template or openai")
+    # ---- openai backend: what runs before the job (or instead of it)
+    prepare = None
+    if backend == "openai":
+        from functools import partial
+
+        from .openai_backend import prepare as before_job
+
+        prepare = partial(
+            before_job, writer, dry_run=dry_run, batch_in=batch_in, batch_out=batch_out, echo=typer.echo
+        )
+    elif dry_run or batch_in or batch_out:
+        raise typer.BadParameter("--dry-run, --batch-in and --batch-out need --backend openai")
+    # ---- end of the openai backend's part
     with Progress(transient=True) as bar:
         task = bar.add_task("generating", total=None)
         report = run(
@@ -87,7 +110,10 @@ def generate(
             workers=workers,
             engine=engine,
             on_progress=lambda n, total: bar.update(task, completed=n, total=total),
+            prepare=prepare,
         )
+    if report is None:  # an openai dry run or batch file: nothing was generated
+        return
     reasons = ", ".join(f"{k} {v}" for k, v in report["reasons"].items()) or "none"
     typer.echo(
         f"read {report['read']} = kept {report['kept']} + rejected {report['rejected']} ({reasons}) + "

@@ -195,12 +195,17 @@ def generate(
     engine: str = "local",
     limit: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
-) -> dict:
-    """Run (or resume) a generation job; returns the report (also out/report.json)."""
+    prepare: Callable[[GenerateStep, list[dict]], bool] | None = None,
+) -> dict | None:
+    """Run (or resume) a generation job; returns the report (also out/report.json). `prepare(step,
+    items)` runs first (a backend's dry run, batch files or prefetching); when it returns True the job
+    stops there and None is returned."""
     out = Path(out)
     records = select(load_records(curated), splits)
     items = [{"id": r["id"], "source": str(r.get("source") or ""), "record": r} for r in records]
     step = GenerateStep(backend, out, formats, zh_share, seed)
+    if prepare is not None and prepare(step, items):
+        return None
     run(
         step,
         items,
