@@ -412,9 +412,10 @@ def test_benchmark_images_never_reach_kept_data(tmp_path):
             assert (not r[sid]["kept"] and "image: benchmark image" in r[sid]["failures"]) == contaminated, (
                 sid
             )
-    assert r["cap1"]["benchmark_distance"] == 0 and r["cap1"]["benchmark"] == r["cap1"]["image_sha256"]
+    assert r["cap1"]["benchmark_match"] == "exact" and r["cap1"]["benchmark"] == r["cap1"]["image_sha256"]
     # the resized JPEG has other pixels (no exact match) but the same pHash neighbourhood
-    assert r["cap2"]["benchmark"] != r["cap2"]["image_sha256"] and r["cap2"]["benchmark_distance"] <= 6
+    assert r["cap2"]["benchmark_match"] == "phash" and r["cap2"]["benchmark"] != r["cap2"]["image_sha256"]
+    assert r["cap2"]["benchmark_distance"] <= 2
     kept = (out / "kept.jsonl").read_text()
     assert g.samples[4]["image"] not in kept and g.samples[8]["image"] not in kept
     b = report["benchmark"]
@@ -680,3 +681,19 @@ def test_generate_then_quality_then_mix_then_train(tmp_path, tiny_model_dir):
 def rows_of_record(gen: Path, record_id: str) -> list[dict]:
     samples = [json.loads(x) for x in (gen / "samples.jsonl").read_text().splitlines()]
     return [s for s in samples if s["provenance"]["record_id"] == record_id]
+
+
+@pytest.mark.parametrize(
+    "text, bad",
+    [
+        ("The effusion lies on the patient's right. The infiltrate lies on the patient's right.", False),
+        ("肝脏位于患者右侧，在图像左下区域。右肾位于患者右侧，在图像左下区域。", False),
+        ("The liver is seen. The liver is seen. The liver is seen.", True),
+        ("The the the the liver liver liver is is seen seen.", True),
+        ("可见肝脏。可见肝脏。可见肝脏。", True),
+    ],
+)
+def test_repetition_tells_loops_from_parallel_sentences(text, bad):
+    from medvl.quality.text import repetition
+
+    assert (repetition(text) > load_thresholds().language.max_repetition) == bad

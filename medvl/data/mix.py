@@ -44,9 +44,8 @@ from medvl.records import Strict, read_rows
 M = TypeVar("M", bound=Strict)
 
 
-def read_yaml_model(path: str | Path, model: type[M]) -> M:
-    """A YAML file as a strict pydantic model; any problem is an `InputError` naming the file and the
-    first offending key (`sources.1.count`)."""
+def read_yaml(path: str | Path) -> dict:
+    """A YAML file holding a mapping (empty: {}); an `InputError` naming the file otherwise."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -57,6 +56,12 @@ def read_yaml_model(path: str | Path, model: type[M]) -> M:
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise InputError(str(path), "<top level>", "expected a mapping of keys to values")
+    return raw
+
+
+def as_model(raw: dict, model: type[M], path: str | Path) -> M:
+    """`raw` as a strict pydantic model; a problem is an `InputError` naming `path` and the first
+    offending key (`sources.1.count`)."""
     try:
         return model(**raw)
     except ValidationError as e:
@@ -102,7 +107,7 @@ class Mix(Strict):
 
 
 def load_mix(path: str | Path) -> Mix:
-    return read_yaml_model(path, Mix)
+    return as_model(read_yaml(path), Mix, path)
 
 
 def _rng(seed: int, name: str) -> np.random.Generator:

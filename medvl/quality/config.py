@@ -1,5 +1,6 @@
-"""The thresholds of `medvl quality` (a YAML file; the shipped defaults are `thresholds.yaml` beside
-this module). Unknown keys and wrong types are refused with the file and the key."""
+"""The thresholds of `medvl quality`: the shipped `thresholds.yaml` beside this module holds every
+default; a user's YAML overrides some keys of it. Unknown keys and wrong types are refused with the file
+and the key."""
 
 from __future__ import annotations
 
@@ -9,16 +10,16 @@ from typing import Literal
 
 from pydantic import Field
 
-from medvl.data.mix import read_yaml_model
+from medvl.data.mix import as_model, read_yaml
 from medvl.records import Strict
 
 
 class ImageThresholds(Strict):
-    min_side: int = Field(32, ge=1)
-    max_aspect: float = Field(6.0, ge=1)
-    min_std: float = Field(3.0, ge=0)
-    duplicate_phash: int = Field(4, ge=0, le=64)
-    benchmark_phash: int = Field(6, ge=0, le=64)
+    min_side: int = Field(ge=1)
+    max_aspect: float = Field(ge=1)
+    min_std: float = Field(ge=0)
+    duplicate_phash: int = Field(ge=0, le=64)
+    benchmark_phash: int = Field(ge=0, le=64)
 
 
 class FidelityThresholds(Strict):
@@ -26,31 +27,31 @@ class FidelityThresholds(Strict):
 
 
 class AlignmentThresholds(Strict):
-    blind_answerable: Literal["reject", "flag"] = "reject"
-    prior_min_support: int = Field(20, ge=1)
-    prior_min_share: float = Field(0.95, gt=0, le=1)
-    short_answer_words: int = Field(6, ge=1)
+    blind_answerable: Literal["reject", "flag"]
+    prior_min_support: int = Field(ge=1)
+    prior_min_share: float = Field(gt=0, le=1)
+    short_answer_words: int = Field(ge=1)
 
 
 class LanguageThresholds(Strict):
-    max_repetition: float = Field(0.35, ge=0, le=1)
-    min_lang_confidence: float = Field(0.8, ge=0, le=1)
-    near_duplicate_jaccard: float = Field(0.9, gt=0, le=1)
-    minhash_permutations: int = Field(128, ge=16)
+    max_repetition: float = Field(ge=0, le=1)
+    min_lang_confidence: float = Field(ge=0, le=1)
+    near_duplicate_jaccard: float = Field(gt=0, le=1)
+    minhash_permutations: int = Field(ge=16)
 
 
 class ClinicalThresholds(Strict):
-    min_score: int = Field(1, ge=0, le=2)
-    judge_send_image: bool = False
-    judge_max_tokens: int = Field(400, ge=16)
+    min_score: int = Field(ge=0, le=2)
+    judge_send_image: bool
+    judge_max_tokens: int = Field(ge=16)
 
 
 class Thresholds(Strict):
-    image: ImageThresholds = ImageThresholds()
-    fidelity: FidelityThresholds = FidelityThresholds()
-    alignment: AlignmentThresholds = AlignmentThresholds()
-    language: LanguageThresholds = LanguageThresholds()
-    clinical: ClinicalThresholds = ClinicalThresholds()
+    image: ImageThresholds
+    fidelity: FidelityThresholds
+    alignment: AlignmentThresholds
+    language: LanguageThresholds
+    clinical: ClinicalThresholds
 
 
 def default_thresholds_path() -> Path:
@@ -58,6 +59,13 @@ def default_thresholds_path() -> Path:
 
 
 def load_thresholds(path: str | Path | None = None) -> Thresholds:
-    """The thresholds of a YAML file (default: the shipped `thresholds.yaml`); a key left out takes
-    its default."""
-    return read_yaml_model(path if path is not None else default_thresholds_path(), Thresholds)
+    """The shipped `thresholds.yaml` (the one place defaults live), with the sections and keys of the
+    YAML file at `path` laid over it."""
+    raw = read_yaml(default_thresholds_path())
+    if path is not None:
+        for section, values in read_yaml(path).items():
+            if isinstance(values, dict) and isinstance(raw.get(section), dict):
+                raw[section] = {**raw[section], **values}
+            else:
+                raw[section] = values
+    return as_model(raw, Thresholds, path if path is not None else default_thresholds_path())

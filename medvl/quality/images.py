@@ -221,12 +221,13 @@ class BenchmarkGuard:
         self.hashes = np.array([int(r["phash"], 16) for r in rows], dtype=np.uint64)
         self.distance = distance
 
-    def match(self, sha256: str, ph: int) -> tuple[dict, int] | None:
-        """(benchmark entry, distance: 0 for the same pixels) of the closest benchmark image, or None."""
+    def match(self, sha256: str, ph: int) -> tuple[dict, int, bool] | None:
+        """(benchmark entry, pHash distance, whether the pixels are the same) of the closest benchmark
+        image within `distance`, or None."""
         if sha256 in self.by_sha:
-            return self.by_sha[sha256], 0
+            return self.by_sha[sha256], 0, True
         if not len(self.hashes):
             return None
         d = hamming(ph, self.hashes)
         i = int(np.argmin(d))
-        return (self.rows[i], int(d[i])) if d[i] <= self.distance else None
+        return (self.rows[i], int(d[i]), False) if d[i] <= self.distance else None

@@ -72,6 +72,7 @@ def schema():
         ("judge_critique", pa.string()),
         ("benchmark", pa.string()),
         ("benchmark_distance", pa.int64()),
+        ("benchmark_match", pa.string()),  # "exact" (same pixels) or "phash" (within the distance)
         ("duplicate_of", pa.string()),
         ("near_duplicate_of", pa.string()),
         ("failures", pa.list_(pa.string())),
@@ -203,6 +204,7 @@ class ScoreStep(Step):
             "image_sha256": "",
             "image_phash": "",
             "benchmark": "",
+            "benchmark_match": "",
             "duplicate_of": "",
             "near_duplicate_of": "",
             "judge_critique": "",
@@ -234,8 +236,9 @@ class ScoreStep(Step):
         if m.sha256 and self.guard is not None:
             hit = self.guard.match(m.sha256, m.phash)
             if hit is not None:
-                entry, d = hit
+                entry, d, exact = hit
                 row["benchmark"], row["benchmark_distance"] = entry["sha256"], d
+                row["benchmark_match"] = "exact" if exact else "phash"
                 problems.append("benchmark image")
         failures += [f"image: {p}" for p in problems]
         detail = m.problem or f"{m.width}x{m.height}, std {m.std:.1f}"

@@ -23,7 +23,7 @@ HISTOGRAMS: dict[str, str] = {
     "alignment_score": "3. alignment (1 - blind answerability)",
     "blind_prior": "3. question-only prior's share of the gold answer",
     "language_score": "4. language quality (min of parts)",
-    "repetition": "4. repeated 3-gram share (worst answer)",
+    "repetition": "4. repetition (worst answer)",
     "lang_confidence": "4. language-ID probability of the sample's language",
     "translation": "4. zh/en invariants kept",
     "clinical_score": "5. clinical validity (0/1/2)",
@@ -63,6 +63,7 @@ def scores_of(row: dict) -> dict:
         "judge_critique",
         "benchmark",
         "benchmark_distance",
+        "benchmark_match",
         "duplicate_of",
         "near_duplicate_of",
         "flags",
@@ -120,11 +121,15 @@ def write_outputs(
                     "sha256": r["benchmark"],
                     "where": by_sha[r["benchmark"]].where,
                     "samples": 0,
+                    "records": [],
+                    "match": [],
                     "distance": 64,
                 },
             )
             d["samples"] += 1
             d["distance"] = min(d["distance"], r["benchmark_distance"])
+            d["records"] = sorted({*d["records"], r["record_id"]})
+            d["match"] = sorted({*d["match"], r["benchmark_match"]})
     report = {
         "counts": counts,
         "rejected_by_first_reason": dict(sorted(first.items())),
@@ -261,7 +266,8 @@ def markdown(report: dict) -> str:
         "",
     ]
     lines += [
-        f"- `{d['sha256']}` ({d['where']}): {d['samples']} samples, pHash distance {d['distance']}"
+        f"- `{d['sha256']}` ({d['where']}): {d['samples']} samples of {', '.join(d['records'])}; "
+        f"{' and '.join(d['match'])} match, pHash distance {d['distance']}"
         for d in b["dropped"]
     ] or ["- none"]
     lines += ["", "## Histograms", ""]

@@ -39,14 +39,20 @@ def units(text: str) -> list[str]:
     return out
 
 
-def repetition(text: str, n: int = 3) -> float:
-    """Share of the n-grams of `text` that repeat an earlier one (0: none; a sentence said twice
-    ~0.5; "the the the ..." -> 1). Texts shorter than 2n units have too few n-grams to call: 0."""
+_SENTENCE_END = re.compile(r"(?<!\d)[.](?!\d)|[!?;\n。！？；]")
+
+
+def repetition(text: str) -> float:
+    """How much of a reply repeats itself: the larger of the share of its sentences that repeat an
+    earlier one verbatim ("X. X. X." -> 0.67) and the share of its words (Chinese: characters) equal
+    to the word before ("the the the" -> 0.67). Parallel sentences that differ in a word ("the liver
+    lies left. The spleen lies left.") are not repetition: templates and careful writers use them."""
+    sentences = [" ".join(units(x)) for x in _SENTENCE_END.split(text)]
+    sentences = [x for x in sentences if x]
+    dup_sentences = 1 - len(set(sentences)) / len(sentences) if sentences else 0.0
     u = units(text)
-    if len(u) < 2 * n:
-        return 0.0
-    grams = [tuple(u[i : i + n]) for i in range(len(u) - n + 1)]
-    return 1 - len(set(grams)) / len(grams)
+    stutter = sum(a == b for a, b in zip(u, u[1:])) / len(u) if len(u) > 1 else 0.0
+    return max(dup_sentences, stutter)
 
 
 def max_repetition(sample: dict) -> float:
