@@ -187,8 +187,10 @@ def image_kind(facts: FactSheet, lang: str) -> str:
     m = facts.modality
     if lang == "zh":
         return f"{zh(facts.body_region)}{zh(m)}图像" if facts.body_region else f"{zh(m)}图像"
+    name = m if m.isupper() or m in ("X-ray",) else m.lower()  # "CT", "X-ray"; "microscopy"
     where = f" of the {facts.body_region.lower()}" if facts.body_region else ""
-    return f"{article(m)} {m} image{where}"
+    where = " of cells" if facts.body_region == "Cell" else where
+    return f"{article(name)} {name} image{where}"
 
 
 def counted(facts: FactSheet) -> bool:
@@ -261,10 +263,12 @@ def location(facts: FactSheet, label: str, lang: str, box: Sequence[int] | None 
     return text + (f", covering about {share}% of it." if share else ".")
 
 
-def absent_sentence(labels: Sequence[str], lang: str) -> str:
-    if lang == "zh":
-        return f"未见{join([term(x, lang) for x in labels], lang, 'or')}。"
-    return f"No {join([term(x, lang) for x in labels], lang, 'or')} is seen."
+def absent_sentence(facts: FactSheet, labels: Sequence[str], lang: str) -> str:
+    """The verified negatives: not seen (structures, findings) or not the class (image-level classes)."""
+    names = join([term(x, lang) for x in labels], lang, "or")
+    if facts.task == "2D classification":
+        return f"该图像不属于{names}。" if lang == "zh" else f"It is not classified as {names}."
+    return f"未见{names}。" if lang == "zh" else f"No {names} is seen."
 
 
 def sample(turns: Sequence[Pair], with_img: bool = True, **extra) -> dict:
@@ -304,7 +308,7 @@ def caption(facts: FactSheet, lang: str, rng: np.random.Generator) -> list[dict]
     parts = [opening(facts, lang, rng), findings(facts, lang)]
     parts += [location(facts, x, lang) for x in choose(rng, located(facts), MAX_LOCATED)]
     if facts.negatives:
-        parts.append(absent_sentence(choose(rng, facts.negatives, 2), lang))
+        parts.append(absent_sentence(facts, choose(rng, facts.negatives, 2), lang))
     return [sample([(prompt, (" " if lang == "en" else "").join(p for p in parts if p))])]
 
 
@@ -408,7 +412,7 @@ def instruction(facts: FactSheet, lang: str, rng: np.random.Generator) -> list[d
         ]
         return [sample([(q, "\n".join(parts))])]
     elif kind == "differential":
-        parts = [findings(facts, lang), absent_sentence(choose(rng, facts.negatives, 3), lang)]
+        parts = [findings(facts, lang), absent_sentence(facts, choose(rng, facts.negatives, 3), lang)]
     elif kind == "compare":
         parts = [location(facts, x, lang) for x in picked]
     elif kind == "count":
