@@ -33,11 +33,12 @@ def text_rows(path: Path, n: int, lang: str = "en") -> Path:
 
 
 @pytest.fixture
-def sources(tmp_path) -> Path:
+def sources(tmp_path, monkeypatch) -> Path:
     """A LLaVA JSON with images (32 samples, 24 with an image, in its own folder) and two text sets."""
     write_training_data(tmp_path / "vision", n=32)
     text_rows(tmp_path / "text_en.jsonl", 10)
     text_rows(tmp_path / "text_zh.jsonl", 6, lang="zh")
+    monkeypatch.chdir(tmp_path)  # relative paths in a mixture are taken from the current directory
     return tmp_path
 
 
@@ -91,6 +92,27 @@ def test_mix_is_deterministic_by_seed(sources):
     mix(write_mix(sources, "s", more), sources / "d")
     ids = lambda f: sorted(r["id"] for r in json.loads(f.read_text()) if not r["id"].startswith("extra/"))  # noqa: E731
     assert ids(sources / "d" / "s.json") == ids(sources / "a" / "s.json")
+
+
+def test_filters_pick_formats_languages_and_datasets(sources, tmp_path):
+    rows = [
+        {"id": f"s{i}", "format": fmt, "lang": lang, "provenance": {"source": ds},
+         "conversations": [{"from": "human", "value": "q?"}, {"from": "gpt", "value": "a."}]}
+        for i, (fmt, lang, ds) in enumerate(
+            [("caption", "en", "a"), ("caption", "zh", "a"), ("text", "en", "a"), ("caption", "en", "b")] * 3
+        )
+    ]  # fmt: skip
+    (sources / "kept.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = {"sources": [{"name": "x", "path": "kept.jsonl", "fraction": 1.0, "formats": ["caption"],
+                         "languages": ["en"], "datasets": ["a"]}]}  # fmt: skip
+    # the YAML may live anywhere: its paths are taken from the current directory
+    (sources / "cfg").mkdir()
+    m = mix(write_mix(sources / "cfg", "f", spec), sources / "f")
+    (src,) = m["sources"]
+    assert (src["read"], src["available"], src["taken"]) == (12, 3, 3)
+    assert src["by_format_language"] == {"caption/en": 3}
+    ids = sorted(r["id"] for r in json.loads((sources / "f" / "f.json").read_text()))
+    assert ids == ["x/s0", "x/s4", "x/s8"]
 
 
 def test_weights_share_a_total(sources):

@@ -667,7 +667,7 @@ def test_generate_then_quality_then_mix_then_train(tmp_path, tiny_model_dir):
     kept = [json.loads(x) for x in (out / "kept.jsonl").read_text().splitlines()]
     assert not any(s["provenance"]["record_id"] == "hand/ct0007.png" and "image" in s for s in kept)
     spec = {"seed": 0, "sources": [{"name": "hand", "path": "q/kept.jsonl", "fraction": 1.0}]}
-    m = mix(write_mix(tmp_path, "stage2", spec), tmp_path / "mix")
+    m = mix(write_mix(tmp_path, "stage2", spec), tmp_path / "mix", base_dir=tmp_path)
     assert m["total"] == c["kept"] and set(m["by_language"]) == {"en", "zh"}
     cfg = load_config(
         stage_yaml(

@@ -5,23 +5,30 @@ Table 7 do (the share of each dataset used in a stage). The output is one LLaVA 
 
     seed: 0
     sources:
-      - name: slake                  # unique; prefixes the sample ids (slake/<id>)
-        path: ../q/kept.jsonl        # JSON list or JSONL, relative to this YAML file
+      - name: slake-captions         # unique; prefixes the sample ids (slake-captions/<id>)
+        path: work/q/kept.jsonl      # JSON list or JSONL; relative paths from the current directory
         image_root: null             # image paths are relative to it (default: the file's folder)
-        fraction: 1.0                # Table 7's share of the source; above 1 repeats it
+        datasets: [slake]            # optional filters: provenance.source, format, lang
+        formats: [caption, region]
+        languages: [en, zh]
+        fraction: 1.0                # Table 7's share of the (filtered) source; above 1 repeats it
       - name: text
         path: general_text.json
         count: 500                   # or a number of samples
       - name: bccd
-        path: ../q-bccd/kept.jsonl
+        path: work/q/kept.jsonl
+        datasets: [bccd]
         weight: 2                    # or a relative weight of `total`
     total: 2000                      # only with weights: what the weighted sources share
+
+Rows without `format` count as "text" (no image) or "unknown"; without `lang`, py3langid names it.
 
 Sampling is deterministic: each source draws from its own generator, seeded by the mixture's seed and
 the source's name (so adding a source leaves the others' draws alone); a count above the source's size
 takes whole copies and then a sample of the rest; the mixture is then shuffled by the seed. Image paths
 in the output are relative to the output file's folder, the default `image_root` of a training data
-entry, so they resolve wherever the tree (sources and mixture) is moved together.
+entry, so they resolve wherever the tree (sources and mixture) is moved together. Relative paths in the
+YAML are taken from the current directory, as in stage configs.
 """
 
 from __future__ import annotations
@@ -78,6 +85,9 @@ class MixSource(Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     path: Path
     image_root: Path | None = None
+    datasets: list[str] | None = None
+    formats: list[str] | None = None
+    languages: list[str] | None = None
     fraction: float | None = Field(None, gt=0)
     count: int | None = Field(None, ge=0)
     weight: float | None = Field(None, gt=0)
@@ -150,35 +160,59 @@ def _format_and_lang(row: dict) -> tuple[str, str]:
     return str(fmt), str(lang)
 
 
-def mix(path: str | Path, out: str | Path) -> dict:
+def _dataset(row: dict) -> str:
+    prov = row.get("provenance")
+    return str(prov.get("source", "")) if isinstance(prov, dict) else ""
+
+
+def _selected(s: MixSource, rows: list[dict]) -> list[tuple[int, dict, tuple[str, str]]]:
+    """The source's rows that pass its filters: (index in the file, row, (format, language))."""
+    out = []
+    for i, row in enumerate(rows):
+        fmt, lang = _format_and_lang(row)
+        if s.formats is not None and fmt not in s.formats:
+            continue
+        if s.languages is not None and lang not in s.languages:
+            continue
+        if s.datasets is not None and _dataset(row) not in s.datasets:
+            continue
+        out.append((i, row, (fmt, lang)))
+    return out
+
+
+def _resolve(p: Path, base: Path) -> Path:
+    return p if p.is_absolute() else base / p
+
+
+def mix(path: str | Path, out: str | Path, base_dir: str | Path | None = None) -> dict:
     """Write `<out>/<yaml stem>.json` (LLaVA JSON) and `<out>/<yaml stem>.manifest.json`; returns the
-    manifest. Every image a sample names must exist (an `InputError` names the source file and the
-    sample otherwise)."""
+    manifest. Relative paths in the YAML are taken from `base_dir` (default: the current directory,
+    as in stage configs). Every image a sample names must exist (an `InputError` names the source
+    file and the sample otherwise)."""
     path, out = Path(path), Path(out)
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
     spec = load_mix(path)
     out.mkdir(parents=True, exist_ok=True)
     target = out / f"{path.stem}.json"
-    here = path.parent
     sources, sizes = [], []
     for s in spec.sources:
-        file = s.path if s.path.is_absolute() else here / s.path
+        file = _resolve(s.path, base)
         rows = read_rows(file)
-        sources.append((s, file, rows))
-        sizes.append(len(rows))
+        sources.append((s, file, len(rows), _selected(s, rows)))
+        sizes.append(len(sources[-1][3]))
     manifest: dict = {"mix": str(path), "seed": spec.seed, "output": target.name, "sources": []}
     chosen: list[dict] = []
-    for (s, file, rows), n in zip(sources, _amounts(spec, sizes), strict=True):
-        root = s.image_root if s.image_root is None or s.image_root.is_absolute() else here / s.image_root
-        root = (root or file.parent).resolve()
-        picks = take(len(rows), n, _rng(spec.seed, s.name))
+    for (s, file, n_read, rows), n in zip(sources, _amounts(spec, sizes), strict=True):
+        root = (_resolve(s.image_root, base) if s.image_root is not None else file.parent).resolve()
         if n and not rows:
             raise InputError(
-                str(file), "rows", f"source {s.name!r} is empty but {n} samples were asked of it"
+                str(file), "rows", f"source {s.name!r} has no rows (after its filters) to take {n} of"
             )
+        picks = take(len(rows), n, _rng(spec.seed, s.name))
         seen: Counter = Counter()
         by: Counter = Counter()
-        for i in picks:
-            row = dict(rows[i])
+        for k in picks:
+            i, row, kind = rows[k][0], dict(rows[k][1]), rows[k][2]
             if not isinstance(row.get("conversations"), list) or not row["conversations"]:
                 raise InputError(str(file), f"[{i}].conversations", "missing or empty")
             images = row.get("image")
@@ -194,14 +228,16 @@ def mix(path: str | Path, out: str | Path) -> dict:
             rid = f"{s.name}/{row.get('id', i)}"
             seen[rid] += 1
             row["id"] = rid if seen[rid] == 1 else f"{rid}#{seen[rid]}"
-            by[_format_and_lang(row)] += 1
+            by[kind] += 1
             chosen.append(row)
         manifest["sources"].append(
             {
                 "name": s.name,
                 "path": str(file),
                 "image_root": str(root),
-                "available": len(rows),
+                "read": n_read,
+                "available": len(rows),  # after the filters
+                "filters": {k: getattr(s, k) for k in ("datasets", "formats", "languages") if getattr(s, k)},
                 "asked": {
                     k: getattr(s, k) for k in ("fraction", "count", "weight") if getattr(s, k) is not None
                 },
