@@ -175,3 +175,13 @@ def test_a_mix_trains_with_the_tiny_preset(sources, tiny_model_dir, tmp_path):
     history = json.loads((cfg.output_dir / "history.json").read_text())
     assert len(history) == 2 and all(h["loss"] > 0 for h in history)
     assert (final / "config.json").is_file()
+
+
+def test_shipped_stage_mixtures_parse():
+    from medvl.data.mix import load_mix
+
+    repo = Path(__file__).resolve().parent.parent
+    files = sorted((repo / "configs" / "mix").glob("*.yaml"))
+    assert [f.stem for f in files] == ["stage1", "stage2", "stage3"]
+    for f in files:
+        assert load_mix(f).sources
