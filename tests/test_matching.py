@@ -11,12 +11,16 @@ raised on numbers as option texts (269 cases), and agreed on 87.1% of the rest.
 
 from __future__ import annotations
 
+import http.server
 import importlib.util
+import json
 import random
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from medvl.eval import matching
@@ -409,3 +413,151 @@ def test_reports_name_the_matching(tmp_path: Path) -> None:
     assert report["overall"]["accuracy"] == 1.0
     assert matching.VLMEVALKIT_COMMIT[:12] in report["multiple_choice_matching"]
     assert report["multiple_choice_matching"] in to_markdown(report)
+
+
+# ------------------------------------------------------------------ the LLM judge fallback
+
+JUDGE_REFERENCE_FILE = Path(__file__).parent / "data" / "vlmevalkit_judge_reference.py"
+API_FAILED = "Failed to obtain answer via API."  # what VLMEvalKit's wrappers answer after failing
+HTTP_400 = object()  # a scripted reply: the fixture endpoint refuses the request
+
+
+class ScriptedJudge(http.server.ThreadingHTTPServer):
+    """TEST FIXTURE: a loopback OpenAI-style endpoint whose reply to a prompt is the next of the
+    replies scripted for that prompt (HTTP_400: a 400 error instead). It records every prompt."""
+
+    daemon_threads = True
+
+    def __init__(self, script: dict[str, list]) -> None:
+        super().__init__(("127.0.0.1", 0), _ScriptedHandler)
+        self.script = {k: list(v) for k, v in script.items()}
+        self.prompts: list[str] = []
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class _ScriptedHandler(http.server.BaseHTTPRequestHandler):
+    server: ScriptedJudge
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["messages"][-1]["content"]
+        with self.server.lock:
+            self.server.prompts.append(prompt)
+            reply = self.server.script[prompt].pop(0)
+        if reply is HTTP_400:
+            status, answer = 400, {"error": {"message": "scripted refusal", "type": "invalid_request_error"}}
+        else:
+            message = {"role": "assistant", "content": reply}
+            choice = {"index": 0, "message": message, "finish_reason": "stop"}
+            status = 200
+            answer = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                      "choices": [choice]}  # fmt: skip
+        payload = json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+class _ScriptedModel:
+    """VLMEvalKit's side of the same script: `generate(prompt)` as its API wrappers behave."""
+
+    def __init__(self, script: dict[str, list]) -> None:
+        self.script = {k: list(v) for k, v in script.items()}
+        self.prompts: list[str] = []
+
+    def generate(self, prompt: str) -> str:
+        self.prompts.append(prompt)
+        reply = self.script[prompt].pop(0)
+        return API_FAILED if reply is HTTP_400 or reply == "" else reply
+
+
+# (question, options, prediction (unresolved by exact matching), the judge's replies in order)
+JUDGE_CASES = [
+    ("What modality is shown", {"A": "CT", "B": "MR", "C": "X-ray", "D": "PET"}, "magnetic resonance", ["B"]),
+    ("图中是什么器官？", {"A": "肝脏", "B": "肺", "C": "肾脏"}, "看起来是腰部的器官", ["答案是 C", "C"]),
+    ("Which organ", {"A": "liver", "B": "lung"}, "the big one on the right", [API_FAILED, "A"]),
+    ("Which organ", {"A": "liver", "B": "lung", "C": "heart", "D": "spleen"}, "hmm", [HTTP_400, "I think D"]),
+    ("Grade", {"A": "I", "B": "II", "C": "III"}, "moderate", ["no idea", "maybe", "unsure"]),
+    ("Is it benign", {"A": "yes", "B": "no"}, "can't tell", ["Z"]),
+    ("Which view", {"A": "AP", "B": "PA", "C": "lateral", "D": "oblique"}, "front", ["The answer is **C**"]),
+    ("Which view", {"A": "AP", "B": "PA"}, "Failed to obtain answer via API", ["", API_FAILED, HTTP_400]),
+    ("Which plane", {"A": "axial", "B": "coronal", "C": "sagittal"}, "from above", ["A or B", "B", "C"]),
+]
+
+
+def test_judge_prompt_and_options_are_vlmevalkit_s() -> None:
+    from medvl.eval.scoring import judge_options, judge_prompt
+
+    ref = load_judge_reference()
+    assert judge_options({"A": "CT", "B": "MR"}) == "There are several options: \nA. CT\nB. MR\n"
+    for question, options, prediction, _ in JUDGE_CASES:
+        option_str = ref.build_option_str(options)
+        build = ref.build_prompt_cn if ref.cn_string(question) else ref.build_prompt
+        assert judge_prompt(question, options, prediction) == build(question, option_str, prediction)
+    assert judge_prompt("图中是什么器官？", {"A": "肝脏"}, "x").startswith("你是一个帮助我匹配答案")
+
+
+def load_judge_reference():
+    spec = importlib.util.spec_from_file_location("vlmevalkit_judge_reference", JUDGE_REFERENCE_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.can_infer = load_reference().can_infer
+    return module
+
+
+def test_judge_fallback_agrees_with_vlmevalkit(monkeypatch) -> None:
+    """The same scripted judge replies through VLMEvalKit's extract_answer_from_item and through
+    medvl's judge (over HTTP): same prompts, same number of tries, same verdicts; where all three
+    tries fail both pick at random among the options and Z."""
+    from medvl.eval.scoring import JUDGE_RANDOM_LOG, judge_prompt, judge_unresolved
+    from medvl.llm import LLMClient
+
+    monkeypatch.delenv("VERBOSE", raising=False)
+    ref = load_judge_reference()
+    script = {judge_prompt(q, o, p): replies for q, o, p, replies in JUDGE_CASES}
+    assert len(script) == len(JUDGE_CASES)
+    model = _ScriptedModel(script)
+    expected = []
+    for i, (question, options, prediction, _) in enumerate(JUDGE_CASES):
+        item = pd.Series({"question": question, "prediction": prediction, **options})
+        expected.append(ref.extract_answer_from_item(model, item))
+        assert extract_choice(prediction, options) is None, i  # every case reaches the judge
+    server = ScriptedJudge(script)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        rows = [{"id": str(i), "kind": "mc", "question": q, "options": o, "answer": "A", "prediction": p}
+                for i, (q, o, p, _) in enumerate(JUDGE_CASES)]  # fmt: skip
+        assert judge_unresolved(rows, LLMClient(server.url, max_retries=0), "judge") == len(JUDGE_CASES)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert Counter(server.prompts) == Counter(model.prompts)  # same prompts, each as often
+    for row, want, (_, options, _, replies) in zip(rows, expected, JUDGE_CASES, strict=True):
+        if "randomly" in want["log"]:
+            assert row["judge_log"] == JUDGE_RANDOM_LOG and row["judge"] in [*options, "Z"]
+            assert len(replies) == 3
+        else:
+            assert row["judge"] == want["opt"] and "judge_log" not in row, (row, want)
+    assert [r["judge"] for r in rows][:4] == ["B", "C", "A", "D"]
+    # The random pick is seeded with the question id: re-scoring gives the same verdict.
+    again = [dict(r, prediction=r["prediction"]) for r in rows]
+    for r in again:
+        r.pop("judge"), r.pop("judge_log", None)
+    server = ScriptedJudge({judge_prompt(q, o, p): ["?"] * 3 for q, o, p, _ in JUDGE_CASES})
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        judge_unresolved(again, LLMClient(server.url), "judge")
+    finally:
+        server.shutdown()
+        server.server_close()
+    randoms = [i for i, r in enumerate(rows) if "judge_log" in r]
+    assert randoms and all(again[i]["judge"] == rows[i]["judge"] for i in randoms)

@@ -16,13 +16,14 @@ unresolved). medvl writes exactly this; another tool's output converts to it lin
 from __future__ import annotations
 
 import json
+import random
 import re
 import unicodedata
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from medvl.eval.matching import REFUSED, extract_choice
+from medvl.eval.matching import API_FAILURE, REFUSED, extract_choice
 from medvl.eval.stats import mean_interval
 
 if TYPE_CHECKING:
@@ -143,8 +144,11 @@ def read_predictions(path: Path) -> list[dict]:
     return rows
 
 
-# VLMEvalKit's judge prompt (`vlmeval.dataset.utils.multiple_choice.build_prompt`), used only for
-# answers exact matching leaves unresolved.
+# The judge fallback follows VLMEvalKit's `extract_answer_from_item` in
+# `vlmeval/dataset/utils/multiple_choice.py` at the commit :mod:`medvl.eval.matching` names: its two
+# prompts (`build_prompt`, and `build_prompt_cn` for a question containing a CJK ideograph), the options
+# as `build_option_str` writes them, three tries, replies holding "Failed to obtain answer via API"
+# ignored, and a random option (or Z) once all three fail.
 JUDGE_PROMPT = (
     "You are an AI assistant who will help me to match an answer with several options of a single-choice "
     "question. You are provided with a question, several options, and an answer, and you need to find "
@@ -159,13 +163,49 @@ JUDGE_PROMPT = (
     "Answer: Spider\nYour output: Z\n"
     "Example 3: \nQuestion: {question}?\nOptions: {options}\nAnswer: {prediction}\nYour output: "
 )
+JUDGE_PROMPT_ZH = (
+    "你是一个帮助我匹配答案与单选题中多个选项的 AI 助手。"
+    "你会被提供：一个问题，多个选项，一个答案。你的任务是找到与答案意义最相近的选项。"
+    "如果所有选项的意义都与答案显著不同，则输出 Z。"
+    "你应该输出一个单个的大写字母，例如 A, B, C, D（如果它们是有效选项），或 Z。"
+    "例 1:"
+    "问题: 图中最主要的物体是什么?\n选项: A. 泰迪熊 B. 兔子 C. 猫 D. 狗\n答案: 一只可爱的泰迪熊\n输出: A\n"
+    "例 2: \n"
+    "问题: 图中最主要的物体是什么?\n选项: A. 泰迪熊 B. 兔子 C. 猫 D. 狗\n答案: 蜘蛛\n输出: Z\n"
+    "例 3: \n"
+    "问题: {question}?\n选项: {options}\n答案: {prediction}\n输出: "
+)
+_CJK_IDEOGRAPH = re.compile("[\u4e00-\u9fff]")  # VLMEvalKit's cn_string
+JUDGE_TRIES = 3
+# The judge is asked for one letter. VLMEvalKit leaves its OpenAI wrapper's 2048-token default; medvl
+# caps the reply (a letter, or "The answer is X." at most) so that a rambling judge costs little.
+JUDGE_MAX_TOKENS = 32
+JUDGE_RANDOM_LOG = "Failed to predict, thus randomly generate one."
 
 
-def judge_unresolved(rows: list[dict], client: LLMClient, model: str, tries: int = 3) -> int:
+def judge_options(options: dict[str, str]) -> str:
+    """The options as VLMEvalKit's `build_option_str` writes them into the judge prompt."""
+    return "There are several options: \n" + "".join(f"{k}. {v}\n" for k, v in options.items())
+
+
+def judge_prompt(question: str, options: dict[str, str], prediction: str) -> str:
+    """VLMEvalKit's judge prompt for one answer: the Chinese one when the question contains Chinese."""
+    template = JUDGE_PROMPT_ZH if _CJK_IDEOGRAPH.search(question) else JUDGE_PROMPT
+    return template.format(question=question, options=judge_options(options), prediction=prediction)
+
+
+def judge_unresolved(rows: list[dict], client: LLMClient, model: str, tries: int = JUDGE_TRIES) -> int:
     """Ask an LLM (any OpenAI-compatible endpoint, through `client`) to map each unresolved
-    multiple-choice answer onto an option; the verdict is stored in the row's `judge` field ("Z" when
-    it still fails). An answer the judge's reply does not resolve is asked again, up to `tries`
-    times in all (past the cache, which would repeat the reply). Returns how many rows were asked."""
+    multiple-choice answer onto an option, as VLMEvalKit does: up to `tries` replies per answer (past
+    the cache, which would repeat the reply), each read with :func:`extract_choice`; a reply holding
+    "Failed to obtain answer via API", or a request that failed for good, counts as a failed try. The
+    verdict goes to the row's `judge` field; after `tries` failures it is a random option or Z
+    (VLMEvalKit's `rd.choice`, here seeded with the question id so that re-scoring reproduces it) and
+    `judge_log` says so. Returns how many rows were asked."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from medvl.llm import LLMError
+
     todo = [
         row
         for row in rows
@@ -173,31 +213,33 @@ def judge_unresolved(rows: list[dict], client: LLMClient, model: str, tries: int
         and "judge" not in row
         and not extract_choice(row["prediction"], row["options"])
     ]
-    prompts = {
-        id(row): JUDGE_PROMPT.format(
-            question=row.get("question", ""),
-            options=" ".join(f"{k}. {v}" for k, v in row["options"].items()),
-            prediction=row["prediction"],
-        )
-        for row in todo
-    }
-    verdicts: dict[int, str] = {}
+
+    def ask(row: dict, attempt: int) -> str:
+        messages = [
+            {
+                "role": "user",
+                "content": judge_prompt(row.get("question", ""), row["options"], row["prediction"]),
+            }
+        ]
+        try:
+            reply = client.complete(
+                model, messages, cache=attempt == 0, temperature=0, max_tokens=JUDGE_MAX_TOKENS
+            )
+        except LLMError:
+            return API_FAILURE  # what VLMEvalKit's wrappers answer once their own retries are spent
+        return reply.text or API_FAILURE  # as VLMEvalKit's wrappers turn an empty answer
+
     pending = todo
-    for attempt in range(tries):
-        if not pending:
-            break
-        replies = client.complete_many(
-            model,
-            [[{"role": "user", "content": prompts[id(row)]}] for row in pending],
-            cache=attempt == 0,
-            temperature=0,
-            max_tokens=8,
-        )
-        for row, reply in zip(pending, replies, strict=True):
-            verdict = extract_choice(reply.text, row["options"])
-            if verdict:
-                verdicts[id(row)] = verdict
-        pending = [row for row in pending if id(row) not in verdicts]
-    for row in todo:
-        row["judge"] = verdicts.get(id(row), REFUSED)
+    with ThreadPoolExecutor(max(1, client.max_concurrency)) as pool:
+        for attempt in range(tries):
+            replies = list(pool.map(ask, pending, [attempt] * len(pending)))
+            for row, text in zip(pending, replies, strict=True):
+                verdict = None if API_FAILURE in text else extract_choice(text, row["options"])
+                if verdict:
+                    row["judge"] = verdict
+            pending = [row for row in pending if "judge" not in row]
+    for row in pending:
+        choices = [*row["options"], REFUSED] if REFUSED not in row["options"] else []
+        row["judge"] = random.Random(str(row["id"])).choice(choices)
+        row["judge_log"] = JUDGE_RANDOM_LOG
     return len(todo)
