@@ -697,3 +697,36 @@ def test_repetition_tells_loops_from_parallel_sentences(text, bad):
     from medvl.quality.text import repetition
 
     assert (repetition(text) > load_thresholds().language.max_repetition) == bad
+
+
+def test_cli_runs_and_bad_input_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from medvl.cli import app
+
+    g = Gen(tmp_path / "gen")
+    good_samples(g)
+    gen = g.write()
+    res = CliRunner().invoke(
+        app, ["quality", str(gen), "--out", str(tmp_path / "q"), "--config", str(config(tmp_path))]
+    )
+    assert res.exit_code == 0, res.output
+    assert "read 4: kept 4, rejected 0" in res.output and "clinical checks by rules" in res.output
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medvl.cli",
+            "quality",
+            str(tmp_path / "nowhere"),
+            "--out",
+            str(tmp_path / "q2"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines() == [
+        f"medvl: error: {tmp_path / 'nowhere'}: path: not found (--debug shows the traceback)"
+    ]
