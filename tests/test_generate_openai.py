@@ -13,6 +13,7 @@ import base64
 import hashlib
 import io
 import json
+import pickle
 import re
 import threading
 from collections.abc import Iterator
@@ -291,6 +292,9 @@ def test_correct_replies_become_valid_samples_in_every_format_and_language(write
         en["answer"] in "ABCD" and cn["answer"] == en["answer"] and len(cn["options"]) == len(en["options"])
     )
     assert cn["options"] == [zh(o) for o in en["options"]]
+    # the backend travels to worker processes without its client (built again there by setup)
+    copy = pickle.loads(pickle.dumps(be))
+    assert copy.config() == be.config() and copy._llm is None and copy.llm.cache_dir == be.llm.cache_dir
     text = [b for b in writer.requests if "Task: a text-only" in json.dumps(b)]
     assert text and not images_sent(text[0])  # text-only Q&A is asked without the image
 

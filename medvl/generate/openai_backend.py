@@ -29,6 +29,7 @@ import functools
 import json
 import math
 import re
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -64,6 +65,7 @@ PRICES: dict[str, Price] = {
 # rejecting every sample (a wrong key, a wrong model name, a wrong URL).
 FATAL_STATUSES = frozenset({401, 403, 404})
 REGION_OUTLINE = (255, 0, 0)
+_LOADING = threading.Lock()
 
 
 # ---------------------------------------------------------------- prompt files
@@ -568,6 +570,8 @@ class OpenAIBackend(Backend):
 
     def _image(self, facts: FactSheet, image: Image.Image | None) -> Image.Image:
         if image is not None:
+            with _LOADING:  # a lazily opened image decodes on first use, which is not thread-safe
+                image.load()
             return image
         if self.image_root is None:
             raise ValueError("OpenAIBackend needs the image: pass it to write() or set image_root")
@@ -700,7 +704,8 @@ class OpenAIBackend(Backend):
             sample, reasons = build(data)
             if not reasons:
                 return sample, data
-            error = f"it failed these checks: {', '.join(reasons)}"
+            checks = load_prompts().system["checks"]
+            error = "it failed these checks: " + "; ".join(f"{r} ({checks.get(r, r)})" for r in reasons)
         failed = sample or {"conversations": [], "format": p.fmt, "lang": p.lang}
         return self._failed(failed, facts, p, error, text), None
 
