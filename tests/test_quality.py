@@ -381,7 +381,14 @@ def test_thresholds_file_errors_name_the_key(tmp_path):
     bad.write_text("language:\n  max_repetition: lots\n")
     with pytest.raises(InputError, match=r"t\.yaml: language\.max_repetition: "):
         load_thresholds(bad)
-    assert load_thresholds().image.min_side == 32  # the shipped file parses
+    # a user's file overrides keys of the shipped one; the others keep the shipped values
+    from medvl.quality.config import default_thresholds_path
+
+    shipped = yaml.safe_load(default_thresholds_path().read_text())
+    bad.write_text("image:\n  min_std: 9\n")
+    t = load_thresholds(bad)
+    assert t.image.min_std == 9 and t.image.min_side == shipped["image"]["min_side"]
+    assert t.language.model_dump() == shipped["language"]
 
 
 # ---------------------------------------------------------------- benchmark contamination guard
