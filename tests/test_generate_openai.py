@@ -534,7 +534,7 @@ def test_medvl_generate_openai_dry_run_batch_files_and_run(writer, tmp_path):
     dry = runner.invoke(app, [*base, "--dry-run"])
     assert dry.exit_code == 0, dry.output
     assert "12 requests + 12 translations after them to writer" in dry.output and "unknown" in dry.output
-    assert writer.requests == [] and not (out / "samples.jsonl").exists()
+    assert writer.requests == [] and not out.exists()  # nothing sent, nothing written
 
     batch = runner.invoke(app, [*base, "--batch-out", str(tmp_path / "b.jsonl")])
     assert batch.exit_code == 0 and len((tmp_path / "b.jsonl").read_text().splitlines()) == 12

@@ -29,6 +29,7 @@ import functools
 import json
 import math
 import re
+import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -742,13 +743,28 @@ def prepare(
     echo: Callable[[str], None] = print,
 ) -> bool:
     """What `medvl generate --backend openai` does before (or instead of) the job: read a batch results
-    file into the cache; then either print the dry run's counts and cost, or write the requests still
-    unanswered as a batch input file (both send nothing, and then the command stops: returns True), or
-    answer every request in concurrent rounds so that the job runs from the cache (returns False)."""
+    file into the cache; then either print the dry run's counts and cost (writing nothing to the output
+    folder), or write the requests still unanswered as a batch input file (the images go to the output
+    folder, where the run that reads the results needs them), both sending nothing, after which the
+    command stops (returns True); or answer every request in concurrent rounds so that the job runs
+    from the cache (returns False)."""
     if batch_in is not None:
         loaded = load_results(batch_in, backend.llm)
         failed = f"; {len(loaded.failed)} failed and stay unanswered" if loaded.failed else ""
         echo(f"{batch_in}: {loaded.answered} answers read into the cache{failed}")
+    if dry_run and batch_out is None:
+        # Requests carry the images, which the step writes where the backend reads them: a dry run
+        # does both in a temporary folder and leaves the output folder as it was.
+        from .pipeline import GenerateStep
+
+        with tempfile.TemporaryDirectory() as tmp:
+            shadow = GenerateStep(backend, tmp, step.formats, step.zh_share, step.seed)
+            root, backend.image_root = backend.image_root, Path(tmp)
+            try:
+                echo(backend.estimate(*backend.pending(shadow, items)).summary())
+            finally:
+                backend.image_root = root
+        return True
     if dry_run or batch_out is not None:
         requests, translations = backend.pending(step, items)
         if batch_out is not None:
