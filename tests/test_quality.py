@@ -737,3 +737,18 @@ def test_cli_runs_and_bad_input_is_one_line(tmp_path):
     assert res.stderr.strip().splitlines() == [
         f"medvl: error: {tmp_path / 'nowhere'}: path: not found (--debug shows the traceback)"
     ]
+
+
+def test_judge_can_be_shown_the_image(tmp_path, judge_server):
+    g = Gen(tmp_path / "gen")
+    good_samples(g)
+    cfg = config(tmp_path, clinical={"judge_send_image": True})
+    quality([g.write()], tmp_path / "q", load_thresholds(cfg), judge=Judge(judge_server.url, "fixture-judge"))
+    judged = [b for b in judge_server.requests if "cannot see the image" not in b["messages"][0]["content"]]
+    parts = [b["messages"][-1]["content"] for b in judged]
+    with_image = [p for p in parts if isinstance(p, list)]
+    assert len(with_image) == 3  # caption, its Chinese pair, multiple choice; the text-only sample has none
+    url = with_image[0][0]["image_url"]["url"]
+    assert url.startswith("data:image/png;base64,")
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("L"))
+    assert np.array_equal(shown, texture(0))
