@@ -541,9 +541,11 @@ def test_medvl_generate_openai_dry_run_batch_files_and_run(writer, tmp_path):
     run_batch(writer.url, tmp_path / "b.jsonl", tmp_path / "r.jsonl")
     sent = len(writer.requests)
 
-    done = runner.invoke(app, [*base, "--batch-in", str(tmp_path / "r.jsonl"), "--concurrency", "4"])
+    read = runner.invoke(app, [*base, "--batch-in", str(tmp_path / "r.jsonl"), "--dry-run"])
+    assert "12 answers read into the cache" in read.output
+    assert "12 requests to writer:" in read.output  # now the translations, nothing after them
+    done = runner.invoke(app, [*base, "--concurrency", "4"])
     assert done.exit_code == 0, done.output
-    assert "12 answers read into the cache" in done.output
     report = json.loads((out / "report.json").read_text())
     assert report["kept"] == 24 and report["rejected"] == 0, report
     assert len(writer.requests) - sent == 12  # only the translations were sent, concurrently

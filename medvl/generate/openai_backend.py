@@ -19,8 +19,13 @@ request (endpoint, model, messages with image and prompt text, temperature, max_
 cache key covers record, format, language, prompt version, model, parameters and seed, and an identical
 re-run sends nothing.
 
-The same requests can be counted and priced without sending anything (`--dry-run`) or written as an
-OpenAI Batch file (`medvl.generate.batch`) for the Batch API or `vllm run-batch`.
+A Chinese sample is a translation of its English original (same plan, so the same English request,
+answered by the cache), which keeps option letters, numbers and boxes identical.
+
+The pipeline asks one sample at a time; `prepare` (run by `medvl generate` before the job) answers the
+job's requests first in concurrent rounds (`--concurrency` in flight), counts and prices them without
+sending anything (`--dry-run`), or writes them as an OpenAI Batch file (`medvl.generate.batch`) for the
+Batch API or `vllm run-batch` and reads the results back into the cache (`--batch-out`, `--batch-in`).
 """
 
 from __future__ import annotations
@@ -54,8 +59,9 @@ if TYPE_CHECKING:
 
 NAME = "openai"
 LANGUAGES = {"en": "English", "zh": "Simplified Chinese (zh-Hans)"}
-# US dollars per million tokens, OpenAI's list prices for the standard (not Batch: half of these)
-# API as published in 2026. A model not listed gets an unknown cost, never 0.
+# US dollars per million tokens: OpenAI's list prices for its standard API (the Batch API charges half)
+# as published in 2025; check them before relying on an estimate. A model not listed gets an unknown
+# cost, never 0 (pass `prices` for others).
 PRICES: dict[str, Price] = {
     "gpt-4o": Price(2.50, 10.00),
     "gpt-4o-mini": Price(0.15, 0.60),
@@ -278,7 +284,7 @@ def parse_reply(text: str, schema: dict) -> tuple[dict | None, str]:
     return data, ""
 
 
-def assemble(facts: FactSheet, p: Plan, data: dict, image: str | None) -> dict:
+def assemble(p: Plan, data: dict, image: str | None) -> dict:
     """The LLaVA sample from the writer's JSON and the plan."""
     if p.fmt == "dialogue":
         pairs = [(t["question"], t["answer"]) for t in data["turns"]]
@@ -308,12 +314,11 @@ def assemble(facts: FactSheet, p: Plan, data: dict, image: str | None) -> dict:
 
 
 class Unanswered(Exception):
-    """A request the cache cannot answer while sending is off (dry run, batch file). `translation`: a
-    Chinese sample waits on it, so a translation request will follow once it is answered."""
+    """A request the cache cannot answer while sending is off (dry run, batch file)."""
 
-    def __init__(self, request: Request, translation: bool = False) -> None:
+    def __init__(self, request: Request) -> None:
         super().__init__(request.key)
-        self.request, self.translation = request, translation
+        self.request = request
 
 
 @dataclass(frozen=True)
@@ -425,9 +430,9 @@ class OpenAIBackend(Backend):
             "prices": {**PRICES, **(prices or {})},
         }
         self._llm: LLMClient | None = None
-        # While not None, `write` sends nothing: it notes (record id, format, request) of each request
-        # the cache cannot answer and returns no sample (see `pending`).
-        self._pending: list[tuple[str, str, Request]] | None = None
+        # While not None, `write` sends nothing: it notes (record id, format, language, request) of each
+        # request the cache cannot answer and returns no sample (see `pending`).
+        self._pending: list[tuple[str, str, str, Request]] | None = None
 
     def setup(self) -> None:
         """The client is built once per worker process (it holds threads' locks and a connection pool,
@@ -471,7 +476,7 @@ class OpenAIBackend(Backend):
         try:
             return self._write(facts, fmt, lang, rng, image, send=False)
         except Unanswered as e:
-            self._pending.append((facts.record_id, fmt, e.request))
+            self._pending.append((facts.record_id, fmt, lang, e.request))
             return []
 
     def write_many(self, jobs: Sequence[tuple]) -> list[list[dict]]:
@@ -512,11 +517,12 @@ class OpenAIBackend(Backend):
                         pass
                 except InputError:
                     continue
-                for rid, fmt, _ in self._pending[start:]:
-                    # The step's own rule for which (record, format) pairs also get a Chinese sample.
-                    if seeded(step.seed, rid, fmt, "zh").random() < step.zh_share:
+                for rid, fmt, lang, _ in self._pending[start:]:
+                    # An English sample still waiting: its translation follows, if the step's own rule
+                    # gives this (record, format) a Chinese sample too.
+                    if lang == "en" and seeded(step.seed, rid, fmt, "zh").random() < step.zh_share:
                         translations.append(fmt)
-            found = list({r.key: r for _, _, r in self._pending}.values())
+            found = list({r.key: r for *_, r in self._pending}.values())
         finally:
             self._pending = None
         return found, translations
@@ -609,10 +615,7 @@ class OpenAIBackend(Backend):
         p = plan(facts, fmt, rng)
         if p is None:
             return []
-        try:
-            english, data = self._english(facts, p, image, send)
-        except Unanswered as e:
-            raise Unanswered(e.request, translation=lang == "zh") from None
+        english, data = self._english(facts, p, image, send)
         if lang == "en":
             return [english]
         # The Chinese sample translates the English one (same plan, same request, so answered by the
@@ -630,7 +633,7 @@ class OpenAIBackend(Backend):
         path = None if p.fmt == "text" else self._image_path(facts)
 
         def build(data: dict) -> tuple[dict, list[str]]:
-            sample = self._finish(assemble(facts, p, data, path), facts, p)
+            sample = self._finish(assemble(p, data, path), facts, p)
             return sample, validate(sample, facts)
 
         return self._attempts(conversation, schema_for(p), build, facts, p, send)
@@ -654,7 +657,7 @@ class OpenAIBackend(Backend):
         ]
 
         def build(translated: dict) -> tuple[dict, list[str]]:
-            sample = self._finish(assemble(facts, p, translated, english.get("image")), facts, p)
+            sample = self._finish(assemble(p, translated, english.get("image")), facts, p)
             sample["pair_id"] = english["id"]
             return sample, validate(sample, facts, english)
 
