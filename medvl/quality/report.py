@@ -191,17 +191,16 @@ def _example(r: dict) -> dict:
 
 
 def _histograms(out: Path, rows: list[dict]) -> dict:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    # A bare Figure renders with Agg on savefig: no pyplot, so no process-wide backend or figure state.
+    from matplotlib.figure import Figure
 
     (out / "plots").mkdir(exist_ok=True)
     made = {}
     for col, title in HISTOGRAMS.items():
         values = [r[col] for r in rows if r[col] is not None]
         missing = len(rows) - len(values)
-        fig, ax = plt.subplots(figsize=(5, 3), dpi=80)
+        fig = Figure(figsize=(5, 3), dpi=80)
+        ax = fig.subplots()
         ax.hist(values, bins=20)
         ax.set_title(f"{title}\n{len(values)} samples, {missing} without this score", fontsize=8)
         ax.set_xlabel(col)
@@ -209,7 +208,6 @@ def _histograms(out: Path, rows: list[dict]) -> dict:
         fig.tight_layout()
         path = out / "plots" / f"{col}.png"
         atomic_write(path, lambda p, f=fig: f.savefig(p, format="png", metadata={"Software": None}))
-        plt.close(fig)
         made[col] = {"file": f"plots/{col}.png", "samples": len(values), "missing": missing}
     return made
 
