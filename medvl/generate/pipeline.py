@@ -107,8 +107,14 @@ class GenerateStep(Step):
             "model": self.backend.model,
             "seed": self.seed,
         }
-        s["facts"] = json.loads(facts.to_json())
+        s["facts"] = self.facts_json(facts)
         return s
+
+    def facts_json(self, facts: FactSheet) -> dict:
+        """The sheet as JSON, once per record (every sample of a record carries the same)."""
+        if getattr(self, "_facts", (None,))[0] is not facts:
+            self._facts = (facts, json.loads(facts.to_json()))
+        return self._facts[1]
 
     def row(self, s: dict, facts: FactSheet) -> dict:
         p = s["provenance"]
