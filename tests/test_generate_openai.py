@@ -606,6 +606,7 @@ def serve_backend(url: str, cache: Path, **kw) -> OpenAIBackend:
     return OpenAIBackend(f"{url}/v1", "tiny", api_key=KEY, cache_dir=cache, max_tokens=2, **kw)
 
 
+@pytest.mark.slow  # a CPU model reading ~600-token prompts: ~2 s a request here
 def test_medvl_serve_transport_and_concurrency(prompt_vlm, tmp_path):
     """The tiny model's replies are not JSON: every sample is asked, repaired once and rejected with
     the reason, over the real server, at most `concurrency` requests in flight."""
@@ -624,6 +625,7 @@ def test_medvl_serve_transport_and_concurrency(prompt_vlm, tmp_path):
     assert be.llm.usage.requests == 12 and 1 < app.max_in_flight <= 4
 
 
+@pytest.mark.slow  # a CPU model reading ~600-token prompts: ~2 s a request here
 def test_medvl_serve_429_is_retried_until_every_request_is_answered(prompt_vlm, tmp_path):
     from medvl.serve.api import create_app
 

@@ -30,7 +30,9 @@ Batch API or `vllm run-batch` and reads the results back into the cache (`--batc
 
 from __future__ import annotations
 
+import base64
 import functools
+import io
 import json
 import math
 import re
@@ -245,20 +247,18 @@ def outlined(image: Image.Image, box: Sequence[int]) -> Image.Image:
     return copy
 
 
-def messages(facts: FactSheet, p: Plan, image: Image.Image | None) -> list[dict]:
+def messages(facts: FactSheet, p: Plan, image_url: str | None) -> list[dict]:
+    """The request's messages: the system prompt, then the image (a data URL; none for text-only Q&A),
+    the fact sheet and the task."""
     prompts = load_prompts()
     system = prompts.system["system"].format(
         language=LANGUAGES[p.lang], schema=json.dumps(schema_for(p), separators=(",", ":"))
     )
     text = f"Fact sheet:\n{fact_json(facts)}\n\n{task_text(p)}"
-    if p.fmt == "text" or image is None:
+    if image_url is None:
         content: str | list[dict] = text
     else:
-        shown = outlined(image, p.box[1]) if p.box is not None else image
-        content = [
-            {"type": "image_url", "image_url": {"url": image_data_url(shown)}},
-            {"type": "text", "text": text},
-        ]
+        content = [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": text}]
     return [{"role": "system", "content": system}, {"role": "user", "content": content}]
 
 
@@ -374,9 +374,6 @@ def estimate_translation(fmt: str) -> tuple[int, int]:
 
 
 def _image_tokens(url: str) -> int:
-    import base64
-    import io
-
     with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as im:
         w, h = im.size
     scale = min(1.0, 2048 / max(w, h))
@@ -575,16 +572,21 @@ class OpenAIBackend(Backend):
 
     # ---- internals
 
-    def _image(self, facts: FactSheet, image: Image.Image | None) -> Image.Image:
-        if image is not None:
-            with _LOADING:  # a lazily opened image decodes on first use, which is not thread-safe
-                image.load()
-            return image
-        if self.image_root is None:
-            raise ValueError("OpenAIBackend needs the image: pass it to write() or set image_root")
-        with Image.open(self.image_root / self._image_path(facts)) as im:
-            im.load()
-            return im
+    def _image_url(self, facts: FactSheet, image: Image.Image | None, box: Sequence[int] | None) -> str:
+        """The image as a data URL, with `box` outlined on a copy. The stored PNG is sent as it is:
+        encoding it again would give the same pixels at a cost (0.26 s an image on SLAKE's scans, 83% of
+        a dry run's time, measured)."""
+        if image is None:
+            if self.image_root is None:
+                raise ValueError("OpenAIBackend needs the image: pass it to write() or set image_root")
+            path = self.image_root / self._image_path(facts)
+            if box is None:
+                return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+            with Image.open(path) as stored:
+                return image_data_url(outlined(stored, box))
+        with _LOADING:  # a lazily opened image decodes on first use, which is not thread-safe
+            image.load()
+        return image_data_url(outlined(image, box) if box is not None else image)
 
     @staticmethod
     def _image_path(facts: FactSheet) -> str:
@@ -629,7 +631,8 @@ class OpenAIBackend(Backend):
     def _english(
         self, facts: FactSheet, p: Plan, image: Image.Image | None, send: bool
     ) -> tuple[dict, dict | None]:
-        conversation = messages(facts, p, None if p.fmt == "text" else self._image(facts, image))
+        url = None if p.fmt == "text" else self._image_url(facts, image, p.box[1] if p.box else None)
+        conversation = messages(facts, p, url)
         path = None if p.fmt == "text" else self._image_path(facts)
 
         def build(data: dict) -> tuple[dict, list[str]]:
