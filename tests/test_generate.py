@@ -33,7 +33,7 @@ from medvl.samples import FORMATS, RADIOLOGICAL, FactSheet, fact_sheet, lang_of,
 
 REPO = Path(__file__).resolve().parents[1]
 CARDS = REPO / "configs" / "cards"
-REAL = ("slake", "bccd", "breastmnist")
+REAL = ("slake", "bccd", "breastmnist", "spleen-ct")
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +57,9 @@ def curated(tmp_path_factory) -> dict[str, list[dict]]:
 
 
 def png(w: int = 64, h: int = 48, seed: int = 0) -> bytes:
-    arr = np.random.default_rng(seed).integers(0, 255, (h, w), dtype=np.uint8)
+    """A slice: noise (the body) on a black background that leaves both side borders clear."""
+    arr = np.zeros((h, w), dtype=np.uint8)
+    arr[4:-4, 6:-6] = np.random.default_rng(seed).integers(60, 255, (h - 8, w - 12), dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
@@ -161,6 +163,14 @@ def test_fact_sheets_of_real_sources(curated):
                 and not f.negatives
             )
             assert f.counts() == dict(Counter(b["label"] for b in r["boxes"]))
+    if "spleen-ct" in curated:
+        # Exhaustive over one label: a slice without spleen has it as a verified negative. The slices
+        # are a crop around the spleen (tissue reaches both borders): no patient side is stated.
+        for r in curated["spleen-ct"]:
+            f = fact_sheet(r)
+            assert sorted(f.labels + f.negatives) == f.label_space == ["spleen"]
+            assert f.convention is None and all(x.side is None for x in f.regions)
+            assert [x.label for x in f.regions] == f.labels
     if "breastmnist" in curated:
         for r in curated["breastmnist"][:50]:
             f = fact_sheet(r)
@@ -184,6 +194,11 @@ def test_fact_sheet_of_hand_built_and_old_records():
     )
     sag = fact_sheet(record(meta=json.dumps({"axis": "sagittal"})))
     assert sag.convention is None and sag.regions[0].side is None
+    # A cropped field of view (tissue up to both side borders) states no patient side either.
+    full = np.random.default_rng(0).integers(60, 255, (48, 64), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(full).save(buf, format="PNG")
+    assert fact_sheet(record(image={"bytes": buf.getvalue(), "path": None})).convention is None
     old = {k: v for k, v in record().items() if k not in ("split", "annotation", "regions", "meta")}
     f = fact_sheet(old)
     assert (f.split, f.negatives, f.regions, f.label_space) == ("", [], [], ["Liver", "Liver Cancer"])

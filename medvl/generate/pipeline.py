@@ -17,7 +17,6 @@ per kept sample with its provenance columns; `parts/`, `dropped.jsonl`, `quarant
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections import Counter
@@ -27,7 +26,7 @@ from pathlib import Path
 from medvl.errors import InputError
 from medvl.jobs import Drop, Step, atomic_write, run
 from medvl.records import read_rows
-from medvl.samples import FORMATS, FactSheet, fact_sheet, image_png, validate
+from medvl.samples import FORMATS, FactSheet, decode_image, fact_sheet, validate
 
 from .backend import Backend, seeded
 
@@ -128,11 +127,10 @@ class GenerateStep(Step):
 
     def __call__(self, item: dict) -> Iterable[dict | Drop]:
         record = item["record"]
-        png = image_png(record)
-        sha = hashlib.sha256(png).hexdigest()
-        facts = fact_sheet(record, image_sha256=sha)
+        png, im = decode_image(record)
+        facts = fact_sheet(record, (png, im))
         if any(f != "text" for f in self.formats):
-            self.write_image(png, sha)
+            self.write_image(png, facts.image_sha256)
         for fmt in self.formats:
             rid = facts.record_id
             with_zh = seeded(self.seed, rid, fmt, "zh").random() < self.zh_share
