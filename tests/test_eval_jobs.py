@@ -151,3 +151,13 @@ def test_api_failure_stops_the_run_keeping_what_was_committed(endpoint: FixtureE
     assert len(list((out / "jobs" / "image" / "parts").glob("*.json"))) == 2  # two chunks of two
     evaluate(model, "mc", bench, out, chunk=2, progress=False)
     assert len(endpoint.requests) == QUESTIONS + 1  # the refused one asked again, nothing else twice
+
+
+def test_ray_engine_gives_the_local_answers(endpoint: FixtureEndpoint, bench: Path, tmp_path: Path) -> None:
+    model = APIModel(endpoint.url, "fixture", max_concurrency=2)
+    local = evaluate(model, "mc", bench, tmp_path / "local", chunk=8, progress=False)
+    on_ray = evaluate(model, "mc", bench, tmp_path / "ray", chunk=8, workers=2, engine="ray", progress=False)
+    assert prediction_path(tmp_path / "ray").read_bytes() == prediction_path(tmp_path / "local").read_bytes()
+    assert on_ray["overall"] == local["overall"]
+    parts = sorted((tmp_path / "ray" / "jobs" / "image" / "parts").glob("*.json"))
+    assert len(parts) == QUESTIONS // 8

@@ -33,6 +33,7 @@ from medvl.eval.report_metrics import (
     ClinicalMetrics,
     ClinicalOptions,
     TextMetrics,
+    coco_bleu_intervals,
     corpus_bleu_interval,
     degeneracy,
     java_ptb_tokenize,
@@ -388,6 +389,29 @@ def test_sacrebleu_interval_matches_sacrebleu() -> None:
     assert "tok:none" in got["signature"]
 
 
+def test_coco_bleu_interval_from_per_report_statistics() -> None:
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    refs = [
+        "the heart is normal in size .",
+        "lungs are clear .",
+        "no pleural effusion .",
+        "mild cardiomegaly .",
+    ]
+    hyps = ["the heart is normal .", "lungs are clear .", "no effusion .", "the heart is big ."]
+    gts, res = {i: [r] for i, r in enumerate(refs)}, {i: [h] for i, h in enumerate(hyps)}
+    point, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    intervals = coco_bleu_intervals(gts, res, point)  # raises unless the statistics reproduce point
+    assert len(intervals) == 4
+    for (lo, hi), p in zip(intervals, point, strict=True):
+        assert lo <= p <= hi and lo < hi
+    # The BLEU-1 of a resample is a ratio of summed matches to summed guesses: resampling the one
+    # perfect report four times gives 1; its highest possible value.
+    assert intervals[0][1] <= 1.0
+    with pytest.raises(RuntimeError, match="pycocoevalcap"):
+        coco_bleu_intervals(gts, res, [0.5, 0.4, 0.3, 0.2])
+
+
 def test_text_metrics_and_degeneracy() -> None:
     refs = [
         "The heart is normal in size. The lungs are clear.",
@@ -408,6 +432,15 @@ def test_text_metrics_and_degeneracy() -> None:
         assert template[form]["bleu_4"] < 0.8 and template[form]["cider"] < perfect[form]["cider"]
         assert perfect[form]["meteor"] is None
     assert len(each) == 3 and each[0]["bleu_4"] == pytest.approx(1.0)
+    # Every metric with an interval: a perfect system's resamples are all perfect; the template's
+    # intervals hold its point estimate. (METEOR is not run here and has none.)
+    for form in ("raw", "cleaned"):
+        ci = perfect[form]["ci95"]
+        assert ci["bleu_4"] == pytest.approx([1.0, 1.0]) and ci["rouge_l"] == pytest.approx([1.0, 1.0])
+        assert ci["meteor"] is None
+        for k in ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider"):
+            lo, hi = template[form]["ci95"][k]
+            assert lo <= template[form][k] + 1e-12 and template[form][k] <= hi + 1e-12, (form, k)
     d = degeneracy(refs, [refs[0]] * 3)
     assert d["identical_share"] == pytest.approx(2 / 3) and d["unique_reports"] == 1
     assert d["most_repeated"]["count"] == 3 and d["distinct_1"] < d["reference_distinct_1"]

@@ -86,7 +86,7 @@ def eval_cmd(
             typer.echo(
                 report_cli(
                     model, api_base, api_model, api_key, bench, data, out, rescore,
-                    split, batch_size, max_new_tokens, limit, report_option or [],
+                    split, batch_size, max_new_tokens, limit, report_option or [], api_concurrency,
                 )
             )  # fmt: skip
             return

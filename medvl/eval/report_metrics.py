@@ -21,6 +21,7 @@ import numpy as np
 
 from medvl.errors import InputError
 from medvl.eval.radiology import clean_report
+from medvl.eval.stats import mean_interval, resampled_interval
 
 BOOTSTRAP_SAMPLES = 1000
 BOOTSTRAP_SEED = 12345  # sacreBLEU's default seed, so the interval matches `sacrebleu --confidence`
@@ -135,6 +136,37 @@ def corpus_bleu_interval(
     }
 
 
+def coco_bleu_intervals(gts: dict, res: dict, point: list[float]) -> list[list[float]]:
+    """95% bootstrap intervals of pycocoevalcap's corpus BLEU-1..4 over reports (:mod:`medvl.eval.stats`):
+    each report's statistics (hypothesis length, its closest reference length, n-gram guesses and
+    matches) are taken once from pycocoevalcap's own scorer and summed per resample, with its formula
+    (its `tiny`/`small` constants included). Checked to reproduce `point` on the whole set."""
+    from pycocoevalcap.bleu.bleu_scorer import BleuScorer
+
+    scorer = BleuScorer(n=4)
+    for i in gts:
+        scorer += (res[i][0], gts[i])
+    rows = []
+    for comps in scorer.ctest:
+        reflen = scorer._single_reflen(comps["reflen"], "closest", comps["testlen"])
+        rows.append([comps["testlen"], reflen, *comps["guess"], *comps["correct"]])
+    stats = np.array(rows, dtype=float)
+    n = len(stats)
+
+    def corpus_bleu(means: np.ndarray) -> np.ndarray:
+        totals = np.atleast_2d(means) * n
+        tiny, small = 1e-15, 1e-9
+        precisions = (totals[:, 6:10] + tiny) / (totals[:, 2:6] + small)
+        bleus = np.cumprod(precisions, axis=1) ** (1 / np.arange(1, 5))
+        ratio = (totals[:, :1] + tiny) / (totals[:, 1:2] + small)
+        return bleus * np.where(ratio < 1, np.exp(1 - 1 / ratio), 1.0)
+
+    whole = corpus_bleu(stats.mean(0))[0]
+    if not np.allclose(whole, point, rtol=1e-9, atol=1e-12):
+        raise RuntimeError(f"per-report BLEU statistics give {whole.tolist()}, pycocoevalcap {point}")
+    return resampled_interval(stats, corpus_bleu)
+
+
 class TextMetrics:
     """The COCO caption scorers (pycocoevalcap) on raw text (PTB-tokenised) and on cleaned text
     (:func:`clean_report`, whitespace tokens as in R2Gen), plus sacreBLEU with its interval. One
@@ -178,6 +210,13 @@ class TextMetrics:
         cider, cider_each = Cider().compute_score(gts, res)
         out = {f"bleu_{k + 1}": float(bleu[k]) for k in range(4)}
         out.update(rouge_l=float(rouge), cider=float(cider))
+        out["ci95"] = {
+            **{f"bleu_{k + 1}": ci for k, ci in enumerate(coco_bleu_intervals(gts, res, bleu))},
+            "rouge_l": mean_interval(list(rouge_each)),
+            "cider": mean_interval(list(cider_each)),
+            # The jar's corpus METEOR pools alignment statistics; it is no mean of per-report scores.
+            "meteor": None,
+        }
         each = [
             {"bleu_4": float(bleu_each[3][i]), "rouge_l": float(rouge_each[i]), "cider": float(cider_each[i])}
             for i in range(len(refs))

@@ -42,6 +42,7 @@ from medvl.eval.report_metrics import (
     nearest_neighbours,
 )
 from medvl.eval.scoring import read_predictions
+from medvl.eval.stats import BOOTSTRAP_INFO
 from medvl.imaging import DEFAULT_PREPROCESSING
 
 REPORT_BENCHES = tuple(REPORT_LOADERS)
@@ -214,6 +215,7 @@ def score_reports(
         "n": len(rows),
         "metrics": metrics,
         "implementations": {"text": text.info(), "clinical": clin.info()},
+        "statistics": {"bootstrap": BOOTSTRAP_INFO},
         "measures": MEASURES,
     }
     scored = [
@@ -227,6 +229,10 @@ def _f(v: float | None, pct: bool = False) -> str:
     if v is None:
         return "–"
     return f"{100 * v:.2f}" if pct else f"{v:.4f}"
+
+
+def _f_ci(v: float | None, ci: list[float] | None) -> str:
+    return _f(v) if v is None or ci is None else f"{_f(v)} [{_f(ci[0])}, {_f(ci[1])}]"
 
 
 def to_markdown(report: dict) -> str:
@@ -253,11 +259,20 @@ def to_markdown(report: dict) -> str:
             lines.append(
                 f"| {name} | "
                 + " | ".join(
-                    _f(t[k]) for k in ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider")
+                    _f_ci(t[k], t["ci95"].get(k))
+                    for k in ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider")
                 )
                 + f" | {sb['bleu']:.2f} [{sb['ci95'][0]:.2f}, {sb['ci95'][1]:.2f}] |"
             )
-        lines += ["", f"sacreBLEU signature: `{next(iter(m.values()))[form]['sacrebleu']['signature']}`", ""]
+        lines += [
+            "",
+            f"sacreBLEU signature: `{next(iter(m.values()))[form]['sacrebleu']['signature']}`. "
+            "[low, high]: 95% percentile-bootstrap interval over the reports ({samples} resamples, seed "
+            "{seed}; CIDEr keeps the whole set's document frequencies; METEOR has none).".format(
+                **BOOTSTRAP_INFO
+            ),
+            "",
+        ]
     clin = report["implementations"]["clinical"]
     lines += ["## Clinical metrics (raw text)", ""]
     if clin["models"]:
@@ -537,6 +552,7 @@ def report_cli(
     max_new_tokens: int | None,
     limit: int | None,
     options: list[str],
+    api_concurrency: int = 4,
 ) -> str:
     """`medvl eval --bench <report set>`: run (or with `rescore`, re-score) and return the summary."""
     kwargs, clinical = parse_report_options(options)
@@ -548,7 +564,7 @@ def report_cli(
     if api_base or api_model:
         if not (api_base and api_model) or model:
             raise BenchmarkError("give either --model, or --api-base with --api-model")
-        runner = APIModel(api_base, api_model, api_key)
+        runner = APIModel(api_base, api_model, api_key, max_concurrency=api_concurrency)
     elif model:
         runner = model
     else:

@@ -11,7 +11,7 @@ questions' shared difficulty cancels (a much narrower interval than two separate
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -58,6 +58,24 @@ def mean_interval(
     if len(values) == 0:
         return None
     return _percentiles(_resampled_means(np.asarray(values, dtype=float), samples, seed))
+
+
+def resampled_interval(
+    values: np.ndarray,
+    statistic: Callable[[np.ndarray], np.ndarray],
+    *,
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> list[list[float]]:
+    """95% percentile-bootstrap intervals of a statistic that is a function of the per-question
+    means of several columns (`values`: questions x columns; e.g. a corpus BLEU from per-report n-gram
+    counts). `statistic` maps an array of mean rows (resamples x columns) to resamples x outputs;
+    returns one [low, high] per output."""
+    means = _resampled_means(np.asarray(values, dtype=float), samples, seed)
+    results = np.asarray(statistic(means), dtype=float).reshape(samples, -1)
+    tail = 100 * (1 - CONFIDENCE) / 2
+    lo, hi = np.percentile(results, [tail, 100 - tail], axis=0)
+    return [[float(a), float(b)] for a, b in zip(lo, hi, strict=True)]
 
 
 def paired_difference(
