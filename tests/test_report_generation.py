@@ -370,17 +370,20 @@ def test_training_samples_are_read_by_the_training_loader(tmp_path: Path, tiny_m
 
 # ------------------------------------------------------------------ metrics
 
+# Four cleaned reports and generated reports that share some n-grams with them.
+SHORT_REFS = [
+    "the heart is normal in size .",
+    "lungs are clear .",
+    "no pleural effusion .",
+    "mild cardiomegaly .",
+]
+SHORT_HYPS = ["the heart is normal .", "lungs are clear .", "no effusion .", "the heart is big ."]
+
 
 def test_sacrebleu_interval_matches_sacrebleu() -> None:
     from sacrebleu.metrics import BLEU
 
-    refs = [
-        "the heart is normal in size .",
-        "lungs are clear .",
-        "no pleural effusion .",
-        "mild cardiomegaly .",
-    ]
-    hyps = ["the heart is normal .", "lungs are clear .", "no effusion .", "the heart is big ."]
+    refs, hyps = SHORT_REFS, SHORT_HYPS
     got = corpus_bleu_interval(refs, hyps, tokenize="none", lowercase=False, n=200)
     assert got["bleu"] == pytest.approx(BLEU(tokenize="none").corpus_score(hyps, [refs]).score)
     lo, hi = got["ci95"]
@@ -392,13 +395,7 @@ def test_sacrebleu_interval_matches_sacrebleu() -> None:
 def test_coco_bleu_interval_from_per_report_statistics() -> None:
     from pycocoevalcap.bleu.bleu import Bleu
 
-    refs = [
-        "the heart is normal in size .",
-        "lungs are clear .",
-        "no pleural effusion .",
-        "mild cardiomegaly .",
-    ]
-    hyps = ["the heart is normal .", "lungs are clear .", "no effusion .", "the heart is big ."]
+    refs, hyps = SHORT_REFS, SHORT_HYPS
     gts, res = {i: [r] for i, r in enumerate(refs)}, {i: [h] for i, h in enumerate(hyps)}
     point, _ = Bleu(4).compute_score(gts, res, verbose=0)
     intervals = coco_bleu_intervals(gts, res, point)  # raises unless the statistics reproduce point
