@@ -267,7 +267,8 @@ def predict(
     # (a re-run with another one keeps what is committed and batches the rest its own way).
     fingerprint = config | {"chunk": chunk, "variant": variant, "max_new_tokens": max_new_tokens}
     step = AnswerStep(model, bench, variant, batch_size, max_new_tokens, fingerprint, workers)
-    columns = (TextColumn(f"{bench} ({variant})"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    label = TextColumn(f"{bench} ({variant}, chunks of {chunk})")
+    columns = (label, BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     job = path.parent / "jobs" / variant
     with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("", total=None)
