@@ -221,12 +221,9 @@ class WriterFixture:
         main = "answer" if "answer" in out else None
         if mode == "schema":
             return {"caption": "This is a CT image."}
-        if mode == "image token":
-            out["question" if "question" in out else "turns"] = (
-                "<image>\n" + out["question"] if "question" in out else out["turns"]
-            )
-            if "turns" in out:
-                out["turns"][0]["question"] = "<image>\n" + out["turns"][0]["question"]
+        if mode == "image token":  # the writer adds one; the backend adds its own
+            first = out["turns"][0] if "turns" in out else out
+            first["question"] = "<image>\n" + first["question"]
         faults = {
             "wrong label": lambda a: f"{a} It also shows the {absent[0]}.",
             "missing label": lambda a: f"This is a {mod} image of the {region}.",
