@@ -481,7 +481,7 @@ def test_batch_round_trip_gives_the_online_samples(writer, tmp_path):
             fail=1 if n == 0 else 0,
         )
         loaded = load_results(tmp_path / f"results-{n}.jsonl", be.llm)
-        assert loaded.answered == written - (1 if n == 0 else 0)
+        assert len(loaded.answered) == written - (1 if n == 0 else 0)
         assert list(loaded.failed.values()) == (["the batch worker crashed"] if n == 0 else [])
     # 12 English answers (one line failed); 11 translations + the failed one again; its translation
     assert rounds == [12, 12, 1], rounds
@@ -538,6 +538,10 @@ def test_medvl_generate_openai_dry_run_batch_files_and_run(writer, tmp_path):
     run_batch(writer.url, tmp_path / "b.jsonl", tmp_path / "r.jsonl")
     sent = len(writer.requests)
 
+    # results of another job's requests (here: another seed) are refused rather than paid for again
+    wrong = runner.invoke(app, [*base, "--seed", "1", "--batch-in", str(tmp_path / "r.jsonl")])
+    assert wrong.exit_code != 0 and "none of its answers is a request of this job" in str(wrong.exception)
+    assert len(writer.requests) == sent
     read = runner.invoke(app, [*base, "--batch-in", str(tmp_path / "r.jsonl"), "--dry-run"])
     assert "12 answers read into the cache" in read.output
     assert "12 requests to writer:" in read.output  # now the translations, nothing after them

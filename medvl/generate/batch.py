@@ -65,7 +65,7 @@ def write_requests(path: str | Path, requests: Iterable[Request]) -> int:
 
 @dataclass(frozen=True)
 class Loaded:
-    answered: int  # answers stored in the cache
+    answered: set[str]  # custom ids whose answers are now in the cache
     failed: dict[str, str]  # custom id -> why it has no answer (the request stays unanswered)
 
 
@@ -75,7 +75,8 @@ def load_results(path: str | Path, llm: LLMClient) -> Loaded:
     `failed`, not stored: the generation run asks it again (online) or writes it to the next batch."""
     if llm.cache_dir is None:
         raise ValueError("reading batch results needs an LLMClient with a cache folder")
-    answered, failed = 0, {}
+    answered: set[str] = set()
+    failed: dict[str, str] = {}
     for i, row in enumerate(read_rows(path), 1):
         key = row.get("custom_id")
         if not isinstance(key, str) or len(key) != 64:
@@ -91,5 +92,5 @@ def load_results(path: str | Path, llm: LLMClient) -> Loaded:
         # The cache's own writer (atomic, keyed as the online path keys it): an answer read back here
         # is indistinguishable from one fetched online.
         llm._write_cache(key, body)
-        answered += 1
+        answered.add(key)
     return Loaded(answered, failed)

@@ -430,6 +430,7 @@ class OpenAIBackend(Backend):
         # While not None, `write` sends nothing: it notes (record id, format, language, request) of each
         # request the cache cannot answer and returns no sample (see `pending`).
         self._pending: list[tuple[str, str, str, Request]] | None = None
+        self._looked_up: set[str] | None = None  # while not None: every key looked for in the cache
 
     def setup(self) -> None:
         """The client is built once per worker process (it holds threads' locks and a connection pool,
@@ -524,6 +525,25 @@ class OpenAIBackend(Backend):
             self._pending = None
         return found, translations
 
+    def asks_any(self, step: GenerateStep, items: Sequence[dict], keys: set[str]) -> bool:
+        """Whether the job asks (now) any of the requests `keys`: run with sending off, record by
+        record, stopping at the first that does."""
+        self._pending, self._looked_up = [], set()
+        try:
+            for item in items:
+                self._pending.clear()
+                try:
+                    for _ in step(item):
+                        pass
+                except InputError:
+                    continue
+                if self._looked_up & keys:
+                    return True
+                self._looked_up.clear()
+            return False
+        finally:
+            self._pending = self._looked_up = None
+
     def send(self, requests: Sequence[Request]) -> int:
         """Send requests (`concurrency` in flight) so that their answers are in the cache; returns how
         many were answered. A request that fails for good is left unanswered: the job's own `write`
@@ -604,6 +624,8 @@ class OpenAIBackend(Backend):
     def _ask(self, conversation: list[dict], params: dict, fmt: str, send: bool) -> Reply:
         if not send:
             key = self.llm.cache_key(self.model, conversation, params)
+            if self._looked_up is not None:
+                self._looked_up.add(key)
             if self.llm._read_cache(key) is None:
                 body = {"model": self.model, "messages": conversation, **params}
                 raise Unanswered(Request(key, body, fmt))
@@ -757,7 +779,15 @@ def prepare(
     if batch_in is not None:
         loaded = load_results(batch_in, backend.llm)
         failed = f"; {len(loaded.failed)} failed and stay unanswered" if loaded.failed else ""
-        echo(f"{batch_in}: {loaded.answered} answers read into the cache{failed}")
+        echo(f"{batch_in}: {len(loaded.answered)} answers read into the cache{failed}")
+        if loaded.answered and not backend.asks_any(step, items, loaded.answered):
+            # Sending the job online now would pay again for every answer in the file.
+            raise InputError(
+                str(batch_in),
+                "custom_id",
+                "none of its answers is a request of this job (written with another --base-url, "
+                "--model, --seed, format list or prompt version?)",
+            )
     if dry_run and batch_out is None:
         # Requests carry the images, which the step writes where the backend reads them: a dry run
         # does both in a temporary folder and leaves the output folder as it was.
