@@ -545,15 +545,16 @@ def test_medvl_generate_openai_dry_run_batch_files_and_run(writer, tmp_path):
     read = runner.invoke(app, [*base, "--batch-in", str(tmp_path / "r.jsonl"), "--dry-run"])
     assert "12 answers read into the cache" in read.output
     assert "12 requests to writer:" in read.output  # now the translations, nothing after them
+    writer.script = [{"mode": "malformed"}]  # one translation needs its repair, in the next round
     done = runner.invoke(app, [*base, "--concurrency", "4"])
     assert done.exit_code == 0, done.output
     report = json.loads((out / "report.json").read_text())
     assert report["kept"] == 24 and report["rejected"] == 0, report
-    assert len(writer.requests) - sent == 12  # only the translations were sent, concurrently
+    assert len(writer.requests) - sent == 13  # only the translations and the repair, concurrently
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert {s["provenance"]["backend"] for s in samples} == {"openai"}
     rerun = runner.invoke(app, [*base, "--dry-run"])
-    assert "0 requests to writer" in rerun.output and len(writer.requests) - sent == 12
+    assert "0 requests to writer" in rerun.output and len(writer.requests) - sent == 13
 
 
 # ---------------------------------------------------------------- against `medvl serve`

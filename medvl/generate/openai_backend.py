@@ -506,7 +506,12 @@ class OpenAIBackend(Backend):
         job's own step with sending off, so they are exactly the requests of the real run; and the
         formats of the Chinese translations that will follow once their English answers are in. Bad
         records are skipped here (the real run quarantines them)."""
-        self._pending, translations = [], []
+        requests, translations, _ = self._scan(step, items)
+        return requests, translations
+
+    def _scan(self, step: GenerateStep, items: Sequence[dict]) -> tuple[list[Request], list[str], list[dict]]:
+        """`pending`, and the items that wait on a request (the others are answered in full)."""
+        self._pending, translations, waiting = [], [], []
         try:
             for item in items:
                 start = len(self._pending)
@@ -515,6 +520,8 @@ class OpenAIBackend(Backend):
                         pass
                 except InputError:
                     continue
+                if len(self._pending) > start:
+                    waiting.append(item)
                 for rid, fmt, lang, _ in self._pending[start:]:
                     # An English sample still waiting: its translation follows, if the step's own rule
                     # gives this (record, format) a Chinese sample too.
@@ -523,7 +530,7 @@ class OpenAIBackend(Backend):
             found = list({r.key: r for *_, r in self._pending}.values())
         finally:
             self._pending = None
-        return found, translations
+        return found, translations, waiting
 
     def asks_any(self, step: GenerateStep, items: Sequence[dict], keys: set[str]) -> bool:
         """Whether the job asks (now) any of the requests `keys`: run with sending off, record by
@@ -575,7 +582,8 @@ class OpenAIBackend(Backend):
         for start in range(0, len(items), chunk):
             part = items[start : start + chunk]
             for _ in range(4):  # answer, repair/translation, repair of the translation; + one spare
-                requests, _ = self.pending(step, part)
+                # A record answered in full stays so: the next round looks again only at the others.
+                requests, _, part = self._scan(step, part)
                 if not requests or not self.send(requests):
                     break
 
