@@ -47,5 +47,10 @@ lock:
 	mv $(LOCK).new $(LOCK)
 	rm -rf .lock-venv
 
+# GMAI-VL's claim on real SLAKE: train questions only vs. + annotation-guided data (docs/slake-experiment.md).
+.PHONY: slake-experiment
+slake-experiment: setup
+	$(BIN)/python benchmarks/slake_experiment.py --size full --out runs/slake-experiment --test
+
 clean:
 	rm -rf $(VENV) runs
