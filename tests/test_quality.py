@@ -437,7 +437,7 @@ def test_benchmark_images_never_reach_kept_data(tmp_path):
 
 
 def test_slake_style_benchmark_and_exact_hash_is_curations(tmp_path):
-    from medvl.curate.images import content_hash, perceptual_hash
+    from medvl.imaging import content_hash, perceptual_hash
     from medvl.quality.images import benchmark_images, decode
 
     slake = tmp_path / "slake"

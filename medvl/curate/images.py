@@ -3,7 +3,6 @@ into pixels is medvl.imaging's."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 
 import numpy as np
@@ -147,22 +146,3 @@ def encode_png(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buf.getvalue()
-
-
-def content_hash(arr: np.ndarray) -> str:
-    """Exact duplicates: hash of the decoded pixels and their shape, so that one image stored as JPEG in
-    one dataset and PNG in another is still caught when the pixels agree."""
-    h = hashlib.sha256(str(arr.shape).encode())
-    h.update(np.ascontiguousarray(arr).tobytes())
-    return h.hexdigest()
-
-
-def perceptual_hash(arr: np.ndarray) -> int:
-    """64-bit pHash (imagehash) as an unsigned int, for near-duplicate search by Hamming distance."""
-    import imagehash
-
-    im = Image.fromarray(arr)
-    if max(im.size) > 128:  # pHash looks at 32x32 anyway; a box reduction first is much cheaper than Lanczos
-        im = im.reduce(max(im.size) // 128)
-    bits = imagehash.phash(im).hash.flatten()
-    return int(np.packbits(bits).view(">u8")[0])

@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from medvl.errors import InputError
+from medvl.imaging import content_hash, perceptual_hash
 from medvl.jobs import DriverStep, Drop, Flag, Outcome, Quarantine, Step, run
 from medvl.records import CURATED_COLUMNS, curated_schema
 from medvl.vocab import BODY_REGIONS, CLINICAL_TASKS, normalize_modality
 
 from .adapters import ADAPTERS, SourceImage, card_preprocessing
 from .card import Card
-from .images import content_hash, encode_png, merge_regions, perceptual_hash
+from .images import encode_png, merge_regions
 from .report import finalize
 
 SHARD_RECORDS = 1000

@@ -8,6 +8,7 @@
 - Curation's building blocks: `open_image` (2D files), `read_dicom` (-> `DicomFile.render`),
   `read_volume` / `read_dicom_series` (+ `to_lps`, `volume_planes`, `make_display`), `to_display`,
   `resize_spacing`.
+- Identity keys: `content_hash` (exact, over decoded pixels), `perceptual_hash` (64-bit pHash).
 - CT windows: `CT_WINDOWS` (the one table), `WINDOW_BY_REGION`, `window`, `ct_window`.
 
 SimpleITK and pydicom are imported where a volume or DICOM file is read, so reading a PNG loads neither.
@@ -24,6 +25,7 @@ from .display import (
     to_display,
 )
 from .files import MAX_BYTES, MAX_PIXELS, is_dicom, read_bytes
+from .hashing import content_hash, perceptual_hash
 from .preprocessing import DEFAULT_PREPROCESSING, Preprocessing
 from .read import open_image, read_image
 from .volume import AXES, read_dicom_series, read_volume, to_lps, volume_planes
@@ -50,11 +52,13 @@ __all__ = [
     "Display",
     "Preprocessing",
     "body_part_region",
+    "content_hash",
     "ct_window",
     "is_dicom",
     "make_display",
     "normalise_percentile",
     "open_image",
+    "perceptual_hash",
     "read_bytes",
     "read_dicom",
     "read_dicom_series",

@@ -17,32 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from medvl.errors import InputError
-from medvl.imaging import open_image, to_display
+from medvl.imaging import content_hash, open_image, perceptual_hash, to_display
 
 from .config import ImageThresholds
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
-
-
-def pixel_sha256(px: np.ndarray) -> str:
-    """Curation's exact-duplicate key (medvl.curate.images.content_hash): the shape, then the pixels."""
-    h = hashlib.sha256(str(px.shape).encode())
-    h.update(np.ascontiguousarray(px).tobytes())
-    return h.hexdigest()
-
-
-def phash(px: np.ndarray) -> int:
-    """Curation's near-duplicate key (medvl.curate.images.perceptual_hash): 64-bit pHash as an int."""
-    import imagehash
-
-    im = Image.fromarray(px)
-    if max(im.size) > 128:  # pHash looks at 32x32 anyway; a box reduction first is far cheaper
-        im = im.reduce(max(im.size) // 128)
-    bits = imagehash.phash(im).hash.flatten()
-    return int(np.packbits(bits).view(">u8")[0])
 
 
 def hamming(h: int, hashes: np.ndarray) -> np.ndarray:
@@ -79,8 +60,8 @@ def measure(path: Path) -> ImageFacts:
         return ImageFacts(file_sha256=hashlib.sha256(data).hexdigest(), problem=e.problem)
     return ImageFacts(
         file_sha256=hashlib.sha256(data).hexdigest(),
-        sha256=pixel_sha256(px),
-        phash=phash(px),
+        sha256=content_hash(px),
+        phash=perceptual_hash(px),
         width=px.shape[1],
         height=px.shape[0],
         std=float(px.std()),
@@ -141,7 +122,7 @@ def benchmark_images(path: Path) -> Iterator[BenchmarkImage]:
 
 def _hashed(data: bytes, where: str) -> BenchmarkImage:
     px = decode(data, where)
-    return BenchmarkImage(where, pixel_sha256(px), phash(px))
+    return BenchmarkImage(where, content_hash(px), perceptual_hash(px))
 
 
 def _tsv_images(path: Path) -> Iterator[BenchmarkImage]:
