@@ -318,6 +318,13 @@ ZH_TERMS: dict[str, str] = {
     "RBC": "红细胞", "WBC": "白细胞", "Platelets": "血小板", "malignant": "恶性", "benign": "良性",
     "normal": "正常", "normal or benign": "正常或良性", "spleen": "脾脏", "spinal cord": "脊髓",
     "vertebra": "椎体",
+    # the synthetic set (medvl synth)
+    "hand": "手", "brain": "脑", "knee joint": "膝关节", "retina": "视网膜",
+    "colon mucosa": "结肠黏膜", "lymph node": "淋巴结", "pleural effusion": "胸腔积液", "fracture": "骨折",
+    "cyst": "囊肿", "hemorrhage": "出血", "tumor": "肿瘤", "bone marrow edema": "骨髓水肿",
+    "retinal hemorrhages": "视网膜出血", "hard exudates": "硬性渗出", "nevus": "色素痣",
+    "melanoma": "黑色素瘤", "adenocarcinoma": "腺癌", "metastasis": "转移瘤",
+    "grade 1": "1级", "grade 2": "2级", "grade 3": "3级",
 }
 # fmt: on
 
@@ -477,11 +484,29 @@ def negated(text: str, start: int, end: int) -> bool:
     return bool(_NEG_BEFORE.search(text[left:start]) or _NEG_AFTER.search(text[end:right]))
 
 
+# What joins the members of one list of labels: "no cyst, nodule or mass" denies all three.
+_LIST_JOIN = re.compile(r"\s*(?:[,，、]\s*)?(?:(?:and|or|nor)\b|和|或|及|与)?\s*", re.IGNORECASE)
+
+
 def assertions(text: str, terms: Iterable[str]) -> tuple[set[str], set[str]]:
-    """(terms asserted present, terms mentioned only as absent) in `text`."""
+    """(terms asserted present, terms mentioned only as absent) in `text`. A list of labels shares its
+    negation ("No cyst, colon mucosa or nodule is seen"), and negation cues are looked for with every
+    mention blanked out, so a label's own characters (the 不 of 肺不张, atelectasis) never deny the next."""
+    found = mentions(text, terms)
+    chars = list(text)
+    for _, s, e in found:
+        chars[s:e] = "_" * (e - s)
+    masked = "".join(chars)
+    groups: list[list[tuple[str, int, int]]] = []
+    for m in found:
+        if groups and _LIST_JOIN.fullmatch(text, groups[-1][-1][2], m[1]):
+            groups[-1].append(m)
+        else:
+            groups.append([m])
     present, absent = set(), set()
-    for term, s, e in mentions(text, terms):
-        (absent if negated(text, s, e) else present).add(term)
+    for g in groups:
+        denied = negated(masked, g[0][1], g[0][2]) or negated(masked, g[-1][1], g[-1][2])
+        (absent if denied else present).update(term for term, _, _ in g)
     return present, absent - present
 
 

@@ -308,6 +308,33 @@ def test_every_rule_fires_on_a_crafted_bad_sample():
     )
 
 
+@pytest.mark.parametrize(
+    "text, present, absent",
+    [
+        (
+            "It shows the retina. No cyst, colon mucosa or nodule is seen.",
+            {"retina"},
+            {"cyst", "colon mucosa", "nodule"},
+        ),
+        ("Effusion or pneumothorax is not seen.", set(), {"Effusion", "Pneumothorax"}),
+        ("There is a nodule, no effusion.", {"Nodule"}, {"Effusion"}),
+        ("A nodule and no effusion.", {"Nodule"}, {"Effusion"}),
+        ("No effusion, but a nodule.", {"Nodule"}, {"Effusion"}),
+        ("No cyst. A nodule is seen.", {"Nodule"}, {"cyst"}),
+        # the 不 of 肺不张 (atelectasis) is part of a label, not a denial of the next one
+        ("可见肺不张和胸腔积液。", {"Atelectasis", "Effusion"}, set()),
+        ("未见肺不张或胸腔积液。", set(), {"Atelectasis", "Effusion"}),
+    ],
+)
+def test_negation_covers_a_list_and_never_comes_from_a_label(text, present, absent):
+    from medvl.samples import assertions
+
+    terms = ["retina", "cyst", "colon mucosa", "Nodule", "Effusion", "Pneumothorax", "Atelectasis"]
+    found_present, found_absent = assertions(text, terms)
+    assert {t.lower() for t in found_present} == {t.lower() for t in present}
+    assert {t.lower() for t in found_absent} == {t.lower() for t in absent}
+
+
 def test_language_id():
     assert lang_of("A CT image of the abdomen showing the liver and both kidneys.")[0] == "en"
     lang, prob = lang_of("这是一张腹部CT图像，图中可见肝脏和双肾。[12, 40, 300, 500]")
