@@ -40,10 +40,10 @@ WORKERS = 2  # the data jobs' processes: the 2 CPU cores the full run is sized f
 # tokens hold them in both languages; batches of 64 answer about 2.5x faster than 16 on 2 cores.
 EVAL_BATCH, EVAL_NEW_TOKENS = 64, 20
 
-# full: about 25 minutes on 2 CPU cores shared with other jobs. ci: a test of the command (a few steps
-# of each arm, a few questions), not of the result.
+# full: about 25 minutes on 2 CPU cores shared with other jobs (load average 6-8). ci: a test of the
+# command (a few steps of each arm, a few questions), not of the result.
 SIZES = {
-    "full": dict(records=None, llm_steps=120, vision_steps=150, arm_steps=100, questions=None),
+    "full": dict(records=None, llm_steps=40, vision_steps=100, arm_steps=30, questions=None),
     "ci": dict(records=40, llm_steps=3, vision_steps=3, arm_steps=2, questions=6),
 }
 
