@@ -121,12 +121,21 @@ def prepare_data(out: Path, slake: Path, sz: dict, seed: int, log=print) -> dict
     return {"curate": cur, "generate": gen, "quality": q, "mix": mixes}
 
 
+def corpus_lines(samples: list[dict]) -> list[str]:
+    """One line per sample, its turns joined, the image token left out: the tiny LM's pretraining text."""
+    from medvl.prompts import IMAGE_TOKEN
+
+    return [
+        " ".join(t["value"].replace(IMAGE_TOKEN, "").strip() for t in s["conversations"]).replace("\n", " ")
+        for s in samples
+    ]
+
+
 def pretrain_parts(out: Path, seed: int, sz: dict, log=print) -> dict:
     """The shared tiny parts: tokenizer + LM on the train questions and the kept generated text, the
     vision tower on the labels of the kept (train-split, test-guarded) images; then the base model."""
     from medvl.model.build import build_from_parts, load_preset
     from medvl.model.tokenizer import train_tokenizer
-    from medvl.quickstart import corpus_lines
     from medvl.records import read_rows
     from medvl.train.pretrain import pretrain_llm, pretrain_vision
 
