@@ -16,7 +16,7 @@ from pathlib import Path
 import medvl
 
 ROOT = Path(medvl.__file__).resolve().parent
-FOUNDATIONS = {"errors", "vocab", "prompts", "records", "imaging", "jobs", "llm", "samples", "_stub"}
+FOUNDATIONS = {"errors", "vocab", "prompts", "records", "imaging", "jobs", "llm", "samples"}
 CORE = {"model", "data"}
 STAGES = {"synth", "curate", "generate", "quality", "train", "eval", "serve"}
 ENTRY = {"cli", "quickstart", "__init__"}

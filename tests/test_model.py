@@ -256,13 +256,14 @@ def test_load_refuses_pickle_weights(tiny_model_dir, tmp_path):
         load(folder)
 
 
-def test_cli_lists_the_pipeline_and_stubs_say_so():
+def test_cli_lists_the_pipeline_and_commands_name_a_missing_argument():
     res = subprocess.run([sys.executable, "-m", "medvl.cli", "--help"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     for cmd in (
         "curate",
         "generate",
         "quality",
+        "mix",
         "build",
         "train",
         "pipeline",
@@ -275,4 +276,4 @@ def test_cli_lists_the_pipeline_and_stubs_say_so():
     ):
         assert cmd in res.stdout
     res = subprocess.run([sys.executable, "-m", "medvl.cli", "quality"], capture_output=True, text=True)
-    assert res.returncode != 0 and "not yet available" in res.stderr
+    assert res.returncode != 0 and "Missing argument" in res.stderr
