@@ -348,6 +348,8 @@ def test_workers_end_when_the_cli_is_killed(tmp_path):
 def test_ray_engine_matches_local(synth_card, tmp_path):
     ray = pytest.importorskip("ray")
     local = curate([synth_card], tmp_path / "local", workers=1)
+    if ray.is_initialized():  # an earlier test's job may have started Ray in this process
+        ray.shutdown()
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         remote = curate([synth_card], tmp_path / "ray", workers=1, engine="ray")

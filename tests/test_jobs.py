@@ -261,6 +261,8 @@ def test_ray_matches_local(inputs, clean, tmp_path):
     ray = pytest.importorskip("ray")
     # This module is not importable on Ray's workers: its step travels by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    if ray.is_initialized():  # an earlier test's job may have started Ray in this process
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         job(inputs[0], tmp_path / "ray", workers=2, engine="ray")
