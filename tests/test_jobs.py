@@ -57,6 +57,19 @@ class Squares(Step):
                 yield {"id": f"{item['id']}#{k}", "value": v, "square": v * v}
 
 
+class BreaksAt(Squares):
+    """Squares that fail (not a bad input: the job stops) on item `bad`."""
+
+    def __init__(self, bad: str):
+        super().__init__()
+        self.bad = bad
+
+    def __call__(self, item):
+        if item["id"] == self.bad:
+            raise OSError("disk gone")
+        return super().__call__(item)
+
+
 class FirstOfEach(DriverStep):
     """Driver side, stateful: a value already kept (by any earlier item) is dropped, an even one flagged."""
 
@@ -234,14 +247,8 @@ def test_a_failing_step_stops_the_job_and_a_rerun_completes_it(inputs, clean, tm
     src, _ = inputs
     out = tmp_path / "out"
 
-    class Breaks(Squares):
-        def __call__(self, item):
-            if item["id"] == "0150":
-                raise OSError("disk gone")
-            return super().__call__(item)
-
     with pytest.raises(RuntimeError, match="'0150'.*disk gone"):
-        run(Breaks(), items_of(src), out, driver=FirstOfEach(), part_rows=20, group_by="group")
+        run(BreaksAt("0150"), items_of(src), out, driver=FirstOfEach(), part_rows=20, group_by="group")
     done = [k for p in (out / "parts").glob("*.json") for k in json.loads(p.read_text())["items"]]
     assert 0 < len(done) < 150 and "0150" not in done
     job(src, out)
@@ -256,20 +263,42 @@ def test_one_worker_matches_two(inputs, clean, tmp_path):
     assert files(tmp_path / "one") == files(clean[0])
 
 
-@pytest.mark.slow  # starting Ray takes ~20 s here
-def test_ray_matches_local(inputs, clean, tmp_path):
+@pytest.fixture
+def ray_by_value():
+    """Ray, with this module's steps travelling by value (it is not importable on Ray's workers)."""
     ray = pytest.importorskip("ray")
-    # This module is not importable on Ray's workers: its step travels by value.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    if ray.is_initialized():  # an earlier test's job may have started Ray in this process
-        ray.shutdown()
+    try:
+        yield ray
+    finally:
+        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.mark.slow  # starting Ray takes ~20 s here
+def test_ray_matches_local_and_the_caller_s_ray_stays_up(ray_by_value, inputs, clean, tmp_path):
+    ray = ray_by_value
+    assert not ray.is_initialized()  # every job that started Ray shut it down
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         job(inputs[0], tmp_path / "ray", workers=2, engine="ray")
+        assert ray.is_initialized()  # the caller's Ray, not the job's to end
     finally:
         ray.shutdown()
-        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     assert files(tmp_path / "ray") == files(clean[0])
+
+
+@pytest.mark.slow  # starts Ray twice, ~20 s each here
+def test_a_job_shuts_down_the_ray_it_started(ray_by_value, inputs, clean, tmp_path):
+    ray = ray_by_value
+    assert not ray.is_initialized()
+    out = tmp_path / "ray"
+    with pytest.raises(Exception, match="disk gone"):  # Ray wraps the step's error in its own
+        run(BreaksAt("0150"), items_of(inputs[0]), out, driver=FirstOfEach(), workers=2, engine="ray",
+            part_rows=20, group_by="group")  # fmt: skip
+    assert not ray.is_initialized()  # ended on error too
+    job(inputs[0], out, workers=2, engine="ray")  # a second job can start its own
+    assert not ray.is_initialized()
+    assert files(out) == files(clean[0])
 
 
 def start_job(src: Path, out: Path, workers: int, delay: float, **popen) -> subprocess.Popen:

@@ -137,43 +137,61 @@ def run(
         next_part += 1
         part = _empty_part()
 
-    for n, (item, outcomes) in enumerate(zip(todo, ENGINES[engine](step, todo, workers), strict=True), 1):
-        if driver is not None:
-            outcomes = driver(item, outcomes)
-        if all(isinstance(o, Flag) for o in outcomes):
-            outcomes = [*outcomes, Drop("no output")]
-        tags = {"item": item["id"]}
-        if group_by is not None:
-            tags[group_by] = str(item[group_by])
-        group = part["groups"].setdefault(tags.get(group_by, ""), {"items": 0, "read": 0, "kept": 0})
-        part["items"].append(item["id"])
-        group["items"] += 1
-        for o in outcomes:
-            group["read"] += not isinstance(o, Flag)
-            if isinstance(o, Flag):
-                part["flagged"].append({**tags, "reason": o.reason, **o.detail})
-            elif isinstance(o, Drop):
-                part["dropped"].append({**tags, "reason": o.reason, **o.detail})
-            elif isinstance(o, Quarantine):
-                e = o.error
-                part["quarantined"].append(
-                    {**tags, "file": e.file, "field": e.field, "problem": e.problem, **o.detail}
-                )
-            else:
-                if set(o) != names:
-                    raise ValueError(
-                        f"step {step.name!r} gave a row for item {item['id']!r} whose keys differ from its "
-                        f"schema: missing {sorted(names - set(o))}, unknown {sorted(set(o) - names)}"
+    # A Ray that this job starts (none was running) is the job's own: shut down when the job ends, also
+    # on error, so that it does not outlive the job in the caller's process (a later ray.init() there
+    # would fail). A Ray the caller started stays up.
+    owns_ray = engine == "ray" and not _ray_running()
+    results = ENGINES[engine](step, todo, workers)
+    try:
+        for n, (item, outcomes) in enumerate(zip(todo, results, strict=True), 1):
+            if driver is not None:
+                outcomes = driver(item, outcomes)
+            if all(isinstance(o, Flag) for o in outcomes):
+                outcomes = [*outcomes, Drop("no output")]
+            tags = {"item": item["id"]}
+            if group_by is not None:
+                tags[group_by] = str(item[group_by])
+            group = part["groups"].setdefault(tags.get(group_by, ""), {"items": 0, "read": 0, "kept": 0})
+            part["items"].append(item["id"])
+            group["items"] += 1
+            for o in outcomes:
+                group["read"] += not isinstance(o, Flag)
+                if isinstance(o, Flag):
+                    part["flagged"].append({**tags, "reason": o.reason, **o.detail})
+                elif isinstance(o, Drop):
+                    part["dropped"].append({**tags, "reason": o.reason, **o.detail})
+                elif isinstance(o, Quarantine):
+                    e = o.error
+                    part["quarantined"].append(
+                        {**tags, "file": e.file, "field": e.field, "problem": e.problem, **o.detail}
                     )
-                part["rows"].append(o)
-                group["kept"] += 1
-        if len(part["rows"]) >= part_rows or len(part["items"]) >= 4 * part_rows:
-            commit()
-        if on_progress:
-            on_progress(n, len(todo))
+                else:
+                    if set(o) != names:
+                        raise ValueError(
+                            f"step {step.name!r} gave a row for item {item['id']!r} whose keys differ from "
+                            f"its schema: missing {sorted(names - set(o))}, unknown {sorted(set(o) - names)}"
+                        )
+                    part["rows"].append(o)
+                    group["kept"] += 1
+            if len(part["rows"]) >= part_rows or len(part["items"]) >= 4 * part_rows:
+                commit()
+            if on_progress:
+                on_progress(n, len(todo))
+    finally:
+        results.close()
+        if owns_ray:
+            import ray
+
+            ray.shutdown()
     if part["items"]:
         commit()
     return summarize(out)
+
+
+def _ray_running() -> bool:
+    import ray
+
+    return ray.is_initialized()
 
 
 def _empty_part() -> dict:
