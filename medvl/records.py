@@ -114,6 +114,33 @@ CURATED_COLUMNS: tuple[Column, ...] = (
         "exclusive)}`; `[]` when the source has no mask.",
         default="[]",
     ),
+    Column(
+        "kind",
+        "string",
+        '"image": a 2D image, slice or frame, in `image`. "volume": a whole preprocessed 3D volume (id '
+        "`source/file#volume`), stored beside the Parquet files as `volume`'s `file`; its `image` is null, "
+        "`width`/`height` are the array's columns/rows, `labels` those present anywhere in it, `boxes` and "
+        "`regions` empty (its 3D boxes are in `volume`), `phash` empty (volumes are deduplicated exactly).",
+        default="image",
+    ),
+    Column(
+        "volume",
+        "string",
+        'JSON, for kind "volume" (else ""): `file` (`volumes/<sha256>.npy`, a uint8 [C, S, P, L] array in '
+        "LPS: read with `np.load(..., allow_pickle=False)`), `shape`, `channels` (one name per channel), "
+        "`spacing_mm` and `origin_mm` (LPS position of voxel [0, 0, 0]) of the array, `source` (the file's "
+        "own `size`, `spacing_mm` in its axis order and `orientation` code, e.g. RAS), `boxes` (per "
+        "connected component of a label: `label, z_min, y_min, x_min, z_max, y_max, x_max` in voxels of "
+        "the array, maxima exclusive) and `slices` (label -> [first, last + 1) slice). docs/3d.md.",
+        default="",
+    ),
+    Column(
+        "volume_spec",
+        "string",
+        'JSON `medvl.imaging.VolumeSpec`, for kind "volume" (else ""): how the array was made from the '
+        "file; `VolumeSpec.apply` makes it again, in training, evaluation and serving alike.",
+        default="",
+    ),
 )
 
 

@@ -248,7 +248,7 @@ def test_synthetic_3d_slices_boxes_and_windows(synth_card, phantoms, tmp_path):
     out = tmp_path / "s3d"
     report = curate([synth_card], out, workers=1)
     assert_balanced(report, out)
-    recs = records(out)
+    recs = [r for r in records(out) if r["kind"] == "image"]  # the slices (volumes: test_volumes.py)
     assert {r["file"] for r in recs} == {
         p.relative_to(phantoms).as_posix() for p in phantoms.glob("*/case????.nii.gz")
     }
@@ -986,7 +986,7 @@ def test_real_sources_curate_with_their_splits(tmp_path, monkeypatch):
 
     # Volumes: no split of their own; each labelled slice has the label's region, inside its boxes.
     for name, label in (("spleen-ct", "spleen"), ("spine-mri", "spinal cord")):
-        slices = by[name]
+        slices = [r for r in by[name] if r["kind"] == "image"]  # the volumes: test_volumes.py
         assert (
             slices and {r["split"] for r in slices} == {""} and {r["index_kind"] for r in slices} == {"slice"}
         )

@@ -1,5 +1,6 @@
 """Source adapters, registered by name. Each lists its *items* (cheap, in the driver: one image, volume
-or clip, as a small picklable dict with a unique `id`) and *loads* an item into 2D samples (in a worker).
+or clip, as a small picklable dict with a unique `id`) and *loads* an item into 2D samples (in a worker),
+and, for volumes whose card sets `options.volume`, one preprocessed volume too (`SourceVolume`).
 A card's `options` are checked against the adapter's `Options` model. Every pixel conversion is
 medvl.imaging's, with the card's `Preprocessing` (`card_preprocessing`), which each record stores."""
 
@@ -22,7 +23,10 @@ from pydantic import Field
 from medvl.errors import InputError
 from medvl.imaging import (
     Preprocessing,
+    VolumeSpec,
     body_part_region,
+    check_same_grid,
+    label_boxes,
     make_display,
     open_image,
     read_dicom,
@@ -55,6 +59,23 @@ class SourceImage:
     splits: list[str] = field(default_factory=list)  # the source's own split names for it (`from: index`)
     modality: str | None = None  # source spelling; None: the card's
     body_region: str | None = None  # source spelling; None: the card's
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class SourceVolume:
+    """One volume out of an item, preprocessed by its card's `VolumeSpec` (`options.volume`)."""
+
+    array: np.ndarray  # uint8 [C, S, P, L]
+    spec: VolumeSpec
+    file: str  # the image file or series folder, relative to the card's root
+    labels: list[str]  # labels present in the array (from the label volume on the array's grid)
+    boxes: list[dict]  # 3D boxes in voxels of the array (imaging.label_boxes)
+    slices: dict[str, list[int]]  # label -> [first, last + 1) slice of the array
+    source: dict  # the input's size, spacing and orientation code
+    origin_mm: list[float]  # LPS position of voxel [0, 0, 0]
+    modality: str | None = None
+    body_region: str | None = None
     meta: dict = field(default_factory=dict)
 
 
@@ -567,22 +588,8 @@ class VolumeOptions(Strict):
     negatives: int = 2  # slices containing no label
     unlabelled_slices: int = 8  # evenly spaced slices of a volume without labels
     region_from_parent: bool = False  # body region = parent folder name (mapped by body_region_map)
-
-
-def _check_grid(img, lab, lrel: str) -> None:
-    """A label volume must lie on its image's voxel grid (both already LPS): same size and spacing, and
-    origins within half a voxel (headers written by different tools differ in the last digits)."""
-    size, lsize = img.GetSize(), lab.GetSize()
-    if size != lsize:
-        raise InputError(lrel, "labels", f"label volume is {lsize} voxels, its image is {size}")
-    sp, lsp = np.array(img.GetSpacing()), np.array(lab.GetSpacing())
-    if not np.allclose(sp, lsp, rtol=1e-3):
-        raise InputError(
-            lrel, "labels", f"label spacing {lsp.round(4).tolist()} mm != image {sp.round(4).tolist()} mm"
-        )
-    shift = np.abs(np.array(img.GetOrigin()) - np.array(lab.GetOrigin()))
-    if (shift > sp / 2).any():
-        raise InputError(lrel, "labels", f"label volume is shifted by {shift.round(2).tolist()} mm")
+    # Also keep each volume whole, preprocessed by this spec (docs/3d.md), next to its slices.
+    volume: VolumeSpec | None = None
 
 
 def choose_slices(
@@ -605,22 +612,25 @@ def choose_slices(
     return sorted(chosen)
 
 
-def slice_volume(
+def volume_samples(
     card, opts, img, lab, lrel: str | None, rel: str, modality: str, region: str | None, meta: dict
-) -> Iterator[SourceImage]:
-    """Slices of one volume (and its label volume `lab`, file `lrel`, or None) as 2D samples."""
+) -> Iterator[SourceImage | SourceVolume]:
+    """Slices of one volume (and its label volume `lab`, file `lrel`, or None) as 2D samples; then, when
+    the card asks for it, the whole volume through its `VolumeSpec`."""
     if img.GetDimension() != 3:
         raise InputError(rel, "image", f"expected a 3D volume, got {img.GetDimension()}D {img.GetSize()}")
-    img = to_lps(img)
-    vol, spacing = volume_planes(img, opts.axis)
+    if opts.volume is not None:
+        opts.volume.check_modality(modality, rel)
+    lps = to_lps(img)
+    vol, spacing = volume_planes(lps, opts.axis)
     labels = None
     if lab is not None:
         lab = to_lps(lab)
-        _check_grid(img, lab, lrel)
+        check_same_grid(lps, lab, lrel)
         labels = as_label_array(volume_planes(lab, opts.axis)[0], lrel)
     prep = card_preprocessing(card)
     display, shown = make_display(prep, modality, region, vol)
-    meta = {**meta, **shown, "axis": opts.axis, "spacing_mm": [float(s) for s in spacing]}
+    slice_meta = {**meta, **shown, "axis": opts.axis, "spacing_mm": [float(s) for s in spacing]}
     for k in choose_slices(
         labels, vol.shape[0], opts.slices_per_label, opts.negatives, opts.unlabelled_slices
     ):
@@ -638,6 +648,25 @@ def slice_volume(
             regions=[] if lk is None else mask_regions(lk, card.label_names),
             modality=modality,
             body_region=region,
+            meta=slice_meta,
+        )
+    if opts.volume is not None:
+        # The spec reorients the file as read (it records the file's own orientation).
+        v = opts.volume.apply(img, None if lab is None else lab, lrel or rel)
+        boxes, ranges = (
+            ([], {}) if v.labels is None else label_boxes(as_label_array(v.labels, lrel), card.label_names)
+        )
+        yield SourceVolume(
+            v.array,
+            opts.volume,
+            rel,
+            labels=_uniq(boxes),
+            boxes=boxes,
+            slices=ranges,
+            source=v.source,
+            origin_mm=v.origin_mm,
+            modality=modality,
+            body_region=region,
             meta=meta,
         )
 
@@ -646,7 +675,8 @@ def _label_path(template: str, rel: str) -> str:
     p = Path(rel)
     name = p.name
     stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else p.stem
-    return template.format(dir=p.parent.as_posix(), name=name, stem=stem)
+    # Path() drops the "./" of a file at the root, so its label volume is recognised as one (`items`).
+    return Path(template.format(dir=p.parent.as_posix(), name=name, stem=stem)).as_posix()
 
 
 def _label_volume(opts, root: Path, rel: str):
@@ -680,7 +710,7 @@ class Nifti:
         img = read_volume(root / rel, rel, "image")
         lab, lrel = _label_volume(opts, root, rel)
         region = Path(rel).parent.name if opts.region_from_parent else None
-        yield from slice_volume(card, opts, img, lab, lrel, rel, card.modality, region, {})
+        yield from volume_samples(card, opts, img, lab, lrel, rel, card.modality, region, {})
 
 
 @register("dicom")
@@ -710,7 +740,7 @@ class Dicom:
             lab, lrel = _label_volume(opts, root, rel)
             modality = card.modality or str(ds.get("Modality", ""))
             region = body_part_region(ds.get("BodyPartExamined")) or card.body_region
-            yield from slice_volume(card, opts, img, lab, lrel, rel, modality, region, technical_meta(ds))
+            yield from volume_samples(card, opts, img, lab, lrel, rel, modality, region, technical_meta(ds))
             return
         dcm = read_dicom(root / rel, rel, max_pixels=card.max_pixels, max_bytes=None)
         meta = technical_meta(deidentify(dcm.ds))

@@ -4,8 +4,9 @@ driver, drop or flag duplicates against the records kept so far. The runner comm
 killed run resumes and a finished one re-runs as a no-op; items run in a fixed order, so the output does
 not depend on the number of workers.
 
-Counting unit: a candidate record (one 2D image, slice or frame); an item that fails before it can be
-split (unreadable file, missing mask) counts as one. read = kept + quarantined + dropped.
+Counting unit: a candidate record (one 2D image, slice or frame, or one whole volume when its card asks
+for volumes); an item that fails before it can be split (unreadable file, missing mask) counts as one.
+read = kept + quarantined + dropped. A kept volume record's array is `volumes/<sha256>.npy`.
 """
 
 from __future__ import annotations
@@ -18,16 +19,18 @@ import numpy as np
 
 from medvl.errors import InputError
 from medvl.imaging import content_hash, perceptual_hash
-from medvl.jobs import DriverStep, Drop, Flag, Outcome, Quarantine, Step, run
+from medvl.jobs import DriverStep, Drop, Flag, Outcome, Quarantine, Step, atomic_write, run
 from medvl.records import CURATED_COLUMNS, curated_schema
 from medvl.vocab import BODY_REGIONS, CLINICAL_TASKS, normalize_modality
 
-from .adapters import ADAPTERS, SourceImage, card_preprocessing
+from .adapters import ADAPTERS, SourceImage, SourceVolume, card_preprocessing
 from .card import Card
 from .images import encode_png, merge_regions
 from .report import finalize
 
 SHARD_RECORDS = 1000
+VOLUMES = "volumes"  # folder of the preprocessed volumes, beside data/
+VOLUME_ARRAY = "_array"  # a volume row's array, on its way from the worker to the driver; never stored
 # PNG bytes do not compress further; zstd is kept for the other columns.
 COMPRESSION = {c.name: "none" if c.name == "image" else "zstd" for c in CURATED_COLUMNS}
 
@@ -35,8 +38,10 @@ COMPRESSION = {c.name: "none" if c.name == "image" else "zstd" for c in CURATED_
 # ---------------------------------------------------------------- worker side
 
 
-def build_record(card: Card, s: SourceImage) -> dict:
+def build_record(card: Card, s: SourceImage | SourceVolume) -> dict:
     """Validate a sample and map it onto the record schema (vocabularies, provenance, hashes)."""
+    if isinstance(s, SourceVolume):
+        return build_volume_record(card, s)
     px = s.pixels
     if px.dtype != np.uint8 or px.ndim not in (2, 3) or (px.ndim == 3 and px.shape[2] != 3):
         raise InputError(s.file, "image", f"wrongly shaped image: {px.dtype} array of shape {px.shape}")
@@ -49,61 +54,122 @@ def build_record(card: Card, s: SourceImage) -> dict:
         if not (0 <= b["x_min"] < b["x_max"] <= w and 0 <= b["y_min"] < b["y_max"] <= h):
             coords = [round(b[k], 1) for k in ("x_min", "y_min", "x_max", "y_max")]
             raise InputError(s.file, "boxes", f"box {b['label']!r} {coords} lies outside the {w}x{h} image")
-    labels = list(dict.fromkeys(relabel(x, x) for x in s.labels))
-    space = card.labels()
-    outside = [x for x in labels if x not in space]
-    if space and outside:
-        raise InputError(
-            s.file, "labels", f"label {outside[0]!r} is not in the card's label space (label_space)"
-        )
-    split = card.split.resolve(card.root_dir(), s.file, s.splits) if card.split else ""
-    raw_mod = s.modality or card.modality or ""
-    try:
-        modality = card.modality_map.get(raw_mod) or normalize_modality(raw_mod)
-    except ValueError as e:
-        raise InputError(s.file, "modality", str(e)) from None
-    raw_region = s.body_region or card.body_region
-    region = card.body_region_map.get(raw_region, raw_region) if raw_region else ""
-    if region and region not in BODY_REGIONS:
-        raise InputError(
-            s.file, "body_region", f"{raw_region!r} is not mapped onto BODY_REGIONS (body_region_map)"
-        )
-    department = card.department_by_region.get(region) or card.department
-    if department is None:
-        raise InputError(
-            s.file, "department", f"no department for body region {region!r} (department_by_region)"
-        )
-    tasks = {card.clinical_task_by_label[x] for x in labels if x in card.clinical_task_by_label}
-    clinical = min(tasks, key=CLINICAL_TASKS.index) if tasks else card.clinical_task
     rid = f"{card.name}/{s.file}" + (f"#{s.index_kind}{s.index}" if s.index >= 0 else "")
     return {
         "id": rid,
         "image": {"bytes": encode_png(px), "path": None},
         "width": w,
         "height": h,
-        "modality": modality,
-        "body_region": region,
-        "department": department,
-        "original_task": card.original_task,
-        "clinical_task": clinical,
-        "labels": labels,
+        **_described(card, s.file, s.labels, s.splits, s.modality, s.body_region),
         "boxes": boxes,
         "mask_boxes": [{**b, "label": relabel(b["label"], b["label"])} for b in s.mask_boxes],
-        "source": card.name,
-        "license": card.license,
-        "file": s.file,
         "index": s.index,
         "index_kind": s.index_kind,
         "sha256": content_hash(px),
         "phash": f"{perceptual_hash(px):016x}",
-        "duplicate_of": None,
         "meta": json.dumps(s.meta, sort_keys=True),
-        "preprocessing": card_preprocessing(card).model_dump_json(),
-        "split": split,
-        "annotation": json.dumps({"exhaustive": card.exhaustive_labels, "label_space": space}),
         "regions": json.dumps(
             merge_regions([{**r, "label": relabel(r["label"], r["label"])} for r in s.regions])
         ),
+        "kind": "image",
+        "volume": "",
+        "volume_spec": "",
+    }
+
+
+def build_volume_record(card: Card, v: SourceVolume) -> dict:
+    """A volume record: the array itself travels under VOLUME_ARRAY to the driver, which stores it as
+    `volumes/<sha256>.npy` once the record is kept (`Deduplicate`)."""
+    a = v.array
+    if a.dtype != np.uint8 or a.ndim != 4 or min(a.shape) < 1:
+        raise InputError(v.file, "volume", f"wrongly shaped volume: {a.dtype} array of shape {a.shape}")
+    relabel = card.label_map.get
+    sha = content_hash(a)
+    slices: dict[str, list[int]] = {}
+    for label, (lo, hi) in v.slices.items():  # labels the card's label_map merges share one range
+        name = relabel(label, label)
+        old = slices.get(name, [lo, hi])
+        slices[name] = [min(old[0], lo), max(old[1], hi)]
+    volume = {
+        "file": f"{VOLUMES}/{sha}.npy",
+        "shape": list(a.shape),
+        "channels": v.spec.channels(),
+        "spacing_mm": list(v.spec.spacing),
+        "origin_mm": v.origin_mm,
+        "source": v.source,
+        "boxes": [{**b, "label": relabel(b["label"], b["label"])} for b in v.boxes],
+        "slices": slices,
+    }
+    return {
+        "id": f"{card.name}/{v.file}#volume",
+        "image": None,
+        "width": a.shape[3],
+        "height": a.shape[2],
+        **_described(card, v.file, v.labels, [], v.modality, v.body_region),
+        "boxes": [],
+        "mask_boxes": [],
+        "index": -1,
+        "index_kind": "",
+        "sha256": sha,
+        "phash": "",
+        "meta": json.dumps(v.meta, sort_keys=True),
+        "regions": "[]",
+        "kind": "volume",
+        "volume": json.dumps(volume, sort_keys=True),
+        "volume_spec": v.spec.model_dump_json(),
+        VOLUME_ARRAY: a,
+    }
+
+
+def _described(
+    card: Card,
+    file: str,
+    source_labels: list[str],
+    splits: list[str],
+    modality: str | None,
+    body_region: str | None,
+) -> dict:
+    """The columns a 2D image and a volume fill alike: labels, vocabularies, provenance, split."""
+    relabel = card.label_map.get
+    labels = list(dict.fromkeys(relabel(x, x) for x in source_labels))
+    space = card.labels()
+    outside = [x for x in labels if x not in space]
+    if space and outside:
+        raise InputError(
+            file, "labels", f"label {outside[0]!r} is not in the card's label space (label_space)"
+        )
+    split = card.split.resolve(card.root_dir(), file, splits) if card.split else ""
+    raw_mod = modality or card.modality or ""
+    try:
+        modality = card.modality_map.get(raw_mod) or normalize_modality(raw_mod)
+    except ValueError as e:
+        raise InputError(file, "modality", str(e)) from None
+    raw_region = body_region or card.body_region
+    region = card.body_region_map.get(raw_region, raw_region) if raw_region else ""
+    if region and region not in BODY_REGIONS:
+        raise InputError(
+            file, "body_region", f"{raw_region!r} is not mapped onto BODY_REGIONS (body_region_map)"
+        )
+    department = card.department_by_region.get(region) or card.department
+    if department is None:
+        raise InputError(
+            file, "department", f"no department for body region {region!r} (department_by_region)"
+        )
+    tasks = {card.clinical_task_by_label[x] for x in labels if x in card.clinical_task_by_label}
+    return {
+        "modality": modality,
+        "body_region": region,
+        "department": department,
+        "original_task": card.original_task,
+        "clinical_task": min(tasks, key=CLINICAL_TASKS.index) if tasks else card.clinical_task,
+        "labels": labels,
+        "source": card.name,
+        "license": card.license,
+        "file": file,
+        "duplicate_of": None,
+        "preprocessing": card_preprocessing(card).model_dump_json(),
+        "split": split,
+        "annotation": json.dumps({"exhaustive": card.exhaustive_labels, "label_space": space}),
     }
 
 
@@ -161,7 +227,9 @@ class LoadRecords(Step):
                 try:
                     yield build_record(card, s)
                 except InputError as e:
-                    yield Quarantine(e, {"index": s.index})
+                    yield Quarantine(
+                        e, {"index": s.index} if isinstance(s, SourceImage) else {"kind": "volume"}
+                    )
         except InputError:
             raise
         except Exception as e:  # an adapter bug or an unforeseen format problem must not stop the run
@@ -179,18 +247,21 @@ def item_key(rec: dict) -> str:
 class Deduplicate(DriverStep):
     """Driver side: each record against the records kept before it (cards in the order given, items in
     order); the card's policy drops the later one (`Drop("duplicate")`) or keeps it with `duplicate_of`
-    set (`Flag("duplicate")`)."""
+    set (`Flag("duplicate")`). Volumes are compared exactly only (the same preprocessed array); a kept
+    volume's array is written to `out/volumes/<sha256>.npy` here, so only kept records have one."""
 
-    columns = ("id", "sha256", "phash", "source", "file", "index_kind")
+    columns = ("id", "sha256", "phash", "source", "file", "index_kind", "kind")
 
-    def __init__(self, cards: list[Card]):
+    def __init__(self, cards: list[Card], out: Path):
         self.cards = {c.name: c for c in cards}
         self.exact: dict[str, str] = {}
         self.near = NearIndex(max(c.dedup.near_distance for c in cards))
+        self.out = Path(out)
 
-    def keep(self, rid: str, sha: str, phash: str, item: str) -> None:
-        self.exact.setdefault(sha, rid)
-        self.near.add(int(phash, 16), rid, item)
+    def keep(self, rec: dict, item: str) -> None:
+        self.exact.setdefault(rec["sha256"], rec["id"])
+        if rec.get("kind", "image") == "image":
+            self.near.add(int(rec["phash"], 16), rec["id"], item)
 
     def check(self, rec: dict, item: str) -> dict | None:
         """None: keep as is. Otherwise the duplicate entry; `drop` says whether the record goes."""
@@ -202,7 +273,7 @@ class Deduplicate(DriverStep):
                 "distance": 0,
                 "drop": policy.exact == "drop",
             }
-        if policy.near != "keep":
+        if policy.near != "keep" and rec["kind"] == "image":
             hit = self.near.find(int(rec["phash"], 16), item, policy.near_distance)
             if hit:
                 return {"kind": "near", "of": hit[0], "distance": hit[1], "drop": policy.near == "drop"}
@@ -210,12 +281,13 @@ class Deduplicate(DriverStep):
 
     def resume(self, rows: Iterable[dict]) -> None:
         for r in rows:
-            self.keep(r["id"], r["sha256"], r["phash"], item_key(r))
+            self.keep(r, item_key(r))
 
     def __call__(self, item: dict, outcomes: list[Outcome]) -> list[Outcome]:
         result: list[Outcome] = []
         for rec in outcomes:
             if isinstance(rec, dict):
+                array = rec.pop(VOLUME_ARRAY, None)
                 key = item_key(rec)
                 dup = self.check(rec, key)
                 if dup is not None:
@@ -225,9 +297,27 @@ class Deduplicate(DriverStep):
                         continue
                     rec["duplicate_of"] = dup["of"]
                     result.append(Flag("duplicate", detail))
-                self.keep(rec["id"], rec["sha256"], rec["phash"], key)
+                if array is not None:
+                    write_volume(self.out, rec["sha256"], array)
+                self.keep(rec, key)
             result.append(rec)
         return result
+
+
+def write_volume(out: Path, sha: str, array: np.ndarray) -> None:
+    """`out/volumes/<sha>.npy`, plain .npy (no pickle): written to a temp file then renamed, so a killed
+    run leaves a whole file or a `.tmp` the resumed run deletes. Named by its content, so rewriting it
+    on resume writes the same bytes."""
+    path = out / VOLUMES / f"{sha}.npy"
+    if path.exists():
+        return
+    path.parent.mkdir(exist_ok=True)
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+
+    atomic_write(path, save)
 
 
 def curate(
@@ -255,7 +345,7 @@ def curate(
         LoadRecords(cards),
         items,
         out,
-        driver=Deduplicate(cards),
+        driver=Deduplicate(cards, out),
         workers=workers,
         engine=engine,
         part_rows=shard_records,

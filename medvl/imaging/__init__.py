@@ -8,6 +8,8 @@
 - Curation's building blocks: `open_image` (2D files), `read_dicom` (-> `DicomFile.render`),
   `read_volume` / `read_dicom_series` (+ `to_lps`, `volume_planes`, `make_display`), `to_display`,
   `resize_spacing`.
+- `VolumeSpec`: the description that fully determines scan -> uint8 [C, S, P, L] volume (orientation,
+  spacing, windows, foreground crop, size); `apply` is what curation stores and serving computes.
 - Identity keys: `content_hash` (exact, over decoded pixels), `perceptual_hash` (64-bit pHash).
 - CT windows: `CT_WINDOWS` (the one table), `WINDOW_BY_REGION`, `window`, `ct_window`.
 
@@ -28,7 +30,16 @@ from .files import MAX_BYTES, MAX_PIXELS, is_dicom, read_bytes
 from .hashing import content_hash, perceptual_hash
 from .preprocessing import DEFAULT_PREPROCESSING, Preprocessing
 from .read import open_image, read_image
-from .volume import AXES, read_dicom_series, read_volume, to_lps, volume_planes
+from .volume import (
+    AXES,
+    check_same_grid,
+    orientation_code,
+    read_dicom_series,
+    read_volume,
+    to_lps,
+    volume_planes,
+)
+from .volume_spec import PreparedVolume, VolumeSpec, label_boxes
 from .windows import (
     CT_WINDOWS,
     DICOM_BODY_PARTS,
@@ -51,13 +62,18 @@ __all__ = [
     "DicomFile",
     "Display",
     "Preprocessing",
+    "PreparedVolume",
+    "VolumeSpec",
     "body_part_region",
+    "check_same_grid",
     "content_hash",
     "ct_window",
     "is_dicom",
+    "label_boxes",
     "make_display",
     "normalise_percentile",
     "open_image",
+    "orientation_code",
     "perceptual_hash",
     "read_bytes",
     "read_dicom",

@@ -150,6 +150,11 @@ def read_dicom_series(folder: str | Path, name: str, pattern: str = "*.dcm"):
         with warnings.catch_warnings():  # pydicom warnings may quote header values: never log them
             warnings.simplefilter("ignore")
             header = pydicom.dcmread(files[0], stop_before_pixels=True)
+            geometry = [pydicom.dcmread(f, stop_before_pixels=True, specific_tags=GEOMETRY) for f in files]
+    except Exception as e:  # pydicom's many error types; the type names no header value
+        raise InputError(name, "series", f"cannot read the series ({type(e).__name__})") from None
+    check_slices(geometry, name)
+    try:
         reader = sitk.ImageSeriesReader()  # pixels only: it keeps no header (its default)
         reader.SetFileNames(files)
         reader.SetNumberOfThreads(THREADS)
@@ -158,6 +163,77 @@ def read_dicom_series(folder: str | Path, name: str, pattern: str = "*.dcm"):
         raise InputError(name, "series", f"cannot read the series ({type(e).__name__})") from None
     check_finite(img, name, "series")
     return img, header
+
+
+GEOMETRY = ["ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns"]
+
+
+def check_slices(headers: list, name: str) -> None:
+    """The files of a series must make one regular volume: the same size, pixel spacing and orientation,
+    and positions along the slice normal evenly spaced, none missing, none twice. SimpleITK reads such a
+    series without complaint, taking the spacing from the first two files, so every slice after a gap
+    would sit at the wrong place. Gaps agree within 1% (scanners round positions); a gap that is a
+    whole multiple of the others is missing slices."""
+    if len(headers) < 2:
+        return
+    try:
+        size = {(int(h.Rows), int(h.Columns)) for h in headers}
+        pixel = np.array([[float(v) for v in h.PixelSpacing] for h in headers])
+        iop = np.array([[float(v) for v in h.ImageOrientationPatient] for h in headers])
+        ipp = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
+    except (AttributeError, TypeError, ValueError):
+        raise InputError(
+            name, "series", "a file lacks its position, orientation, pixel spacing or size"
+        ) from None
+    if len(size) > 1:
+        raise InputError(name, "series", f"files of {len(size)} different image sizes")
+    if np.ptp(pixel, axis=0).max() > 1e-3 * pixel.min():
+        raise InputError(name, "PixelSpacing", "inconsistent spacing: pixel spacing differs between files")
+    if np.ptp(iop, axis=0).max() > 1e-3:
+        raise InputError(name, "ImageOrientationPatient", "files differ in orientation")
+    normal = np.cross(iop[0, :3], iop[0, 3:])
+    pos = np.sort(ipp @ normal)
+    gaps = np.diff(pos)
+    n = len(pos)
+    if (gaps < 0.01).any():  # mm: closer than any scanner places two slices
+        raise InputError(
+            name, "series", f"duplicated slice: {int((gaps < 0.01).sum())} of {n} positions repeat"
+        )
+    step = float(gaps.min())
+    ratio = gaps / step
+    if (np.abs(ratio - 1) > 0.01).any():
+        if np.allclose(ratio, np.rint(ratio), atol=0.01):
+            missing = int(np.rint(ratio).sum()) - len(gaps)
+            raise InputError(
+                name, "series", f"missing slice(s): {missing} absent between {n} slices {step:.3g} mm apart"
+            )
+        raise InputError(
+            name, "series", f"inconsistent spacing: slices {step:.3g} to {gaps.max():.3g} mm apart"
+        )
+
+
+def check_same_grid(img, lab, name: str) -> None:
+    """A label volume must lie on its image's voxel grid (both already LPS): same size and spacing, and
+    origins within half a voxel (headers written by different tools differ in the last digits)."""
+    size, lsize = img.GetSize(), lab.GetSize()
+    if size != lsize:
+        raise InputError(name, "labels", f"label volume is {lsize} voxels, its image is {size}")
+    sp, lsp = np.array(img.GetSpacing()), np.array(lab.GetSpacing())
+    if not np.allclose(sp, lsp, rtol=1e-3):
+        raise InputError(
+            name, "labels", f"label spacing {lsp.round(4).tolist()} mm != image {sp.round(4).tolist()} mm"
+        )
+    shift = np.abs(np.array(img.GetOrigin()) - np.array(lab.GetOrigin()))
+    if (shift > sp / 2).any():
+        raise InputError(name, "labels", f"label volume is shifted by {shift.round(2).tolist()} mm")
+
+
+def orientation_code(img) -> str:
+    """The three-letter code of the directions a SimpleITK image's axes point to, "RAS", "LPS", "PSR"
+    (the convention nibabel's `aff2axcodes` and DICOM use: "LPS" = x towards the patient's left)."""
+    import SimpleITK as sitk
+
+    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(img.GetDirection())
 
 
 def to_lps(img):
