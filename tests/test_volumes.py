@@ -200,6 +200,35 @@ def test_pydicom_ct_series_and_ct_small_in_hounsfield_units():
     assert np.abs(v.array[0].astype(int) - by_hand_window(hu, 275, 2550)).max() <= 1
 
 
+def test_pydicom_data_enhanced_ct_in_hounsfield_units():
+    """pydicom-data's enhanced (multi-frame) CT keeps its rescale in the shared functional groups, which
+    pydicom's `apply_modality_lut` does not read: the HU are computed here by hand from those groups. Rows
+    run towards the patient's right (IOP [-1, 0, 0, ...]): the stored columns are the file's mirrored."""
+    data_store = pytest.importorskip("data_store")
+    path = Path(data_store.__file__).parent / "data" / "eCT_Supplemental.dcm"
+    ds = pydicom.dcmread(path)
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    rescale = shared.PixelValueTransformationSequence[0]
+    hu = ds.pixel_array * float(rescale.RescaleSlope) + float(rescale.RescaleIntercept)
+    assert [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient] == [
+        -1,
+        0,
+        0,
+        0,
+        1,
+        0,
+    ]
+    z = [
+        float(f.PlanePositionSequence[0].ImagePositionPatient[2]) for f in ds.PerFrameFunctionalGroupsSequence
+    ]
+    assert z[1] > z[0]  # frames run inferior -> superior: slice order kept
+    want = hu[:, :, ::-1]
+    sy, sx = (float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing)
+    v = same_grid_spec(want, (sx, sy, z[1] - z[0]), windows=["abdomen"]).apply(read_volume(path, path.name))
+    assert v.source["orientation"] == "RPS" and np.allclose(v.source["spacing_mm"], [sx, sy, z[1] - z[0]])
+    assert np.abs(v.array[0].astype(int) - by_hand_window(want, 40, 400)).max() <= 1
+
+
 def test_pydicom_four_slice_series_has_a_gap_and_is_refused():
     """pydicom's 4-slice CT series: its first file lies 202.5 mm below the next three (1.25 mm apart),
     which SimpleITK would read as one volume of 202.5 mm slices."""
