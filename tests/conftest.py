@@ -1,10 +1,14 @@
-"""Shared fixtures: a tiny random-weights model saved as a plain Hugging Face folder, and small
-LLaVA-format training data with real PNG files."""
+"""Shared fixtures and helpers: a tiny random-weights model saved as a plain Hugging Face folder, small
+LLaVA-format training data with real PNG files, and the kill -9 of a job mid-run."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +83,36 @@ def write_training_data(root: Path, n: int = 32, seed: int = 0) -> Path:
 @pytest.fixture
 def train_data(tmp_path) -> Path:
     return write_training_data(tmp_path / "data")
+
+
+def kill_9_after_commits(
+    cmd: list[str], job: Path, commits: int = 1, timeout: float = 300, **popen
+) -> list[str]:
+    """Start `cmd` (a command running a medvl.jobs job into folder `job`) in a process group of its own,
+    SIGKILL the group (pool workers included) once `commits` parts are committed, and return the ids of
+    the committed items in commit order. Fails unless the command died of that kill (it did not finish
+    first): the test is then of a job stopped mid-run, possibly with a part half written."""
+    parts = job / "parts"
+    with tempfile.TemporaryFile() as err:  # a file, not a pipe: a chatty job never blocks on it
+        proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=err, **popen)
+        try:
+            deadline = time.monotonic() + timeout
+            while (
+                len(list(parts.glob("part-*.json"))) < commits
+                and proc.poll() is None
+                and time.monotonic() < deadline
+            ):
+                time.sleep(0.01)
+            if proc.poll() is None:  # one that ended by itself is reported below
+                os.killpg(proc.pid, signal.SIGKILL)
+        finally:
+            proc.wait(timeout=60)
+        err.seek(0)
+        assert proc.returncode == -signal.SIGKILL, err.read().decode(errors="replace")[-2000:]
+    return committed_items(job)
+
+
+def committed_items(job: Path) -> list[str]:
+    """The ids of the items a medvl.jobs job folder has committed, in commit order."""
+    parts = sorted((job / "parts").glob("part-*.json"))
+    return [k for p in parts for k in json.loads(p.read_text())["items"]]

@@ -1,7 +1,7 @@
-"""`medvl eval` as a job on medvl.jobs: killed with SIGKILL mid-run and started again it writes the same
-files as a run never stopped; worker processes give the same answers; API models are asked at the
-set concurrency through medvl.llm, and a re-run sends nothing already answered (a loopback fixture
-endpoint counts the requests)."""
+"""`medvl eval` as a job on medvl.jobs, VQA and report generation alike: killed with SIGKILL mid-run and
+started again it writes the same files as a run never stopped; worker processes and Ray actors give the
+same answers; API models are asked at the set concurrency through medvl.llm, and a re-run sends nothing
+already answered (a loopback fixture endpoint counts the requests)."""
 
 from __future__ import annotations
 
@@ -11,19 +11,20 @@ import io
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import committed_items, kill_9_after_commits
 from PIL import Image
 from test_llm import FixtureEndpoint
+from test_report_generation import write_reports_jsonl
 
 from medvl.eval.harness import APIModel, evaluate, prediction_path
+from medvl.eval.report_task import evaluate_reports
 
 MEDVL = str(Path(sys.executable).parent / "medvl")
 QUESTIONS = 40
@@ -72,27 +73,15 @@ def test_kill_9_mid_run_then_rerun_gives_identical_files(tiny_model_dir: Path, b
     subprocess.run(_cli(tiny_model_dir, bench, whole), check=True, capture_output=True, timeout=600, env=env)
 
     killed = tmp_path / "killed"
-    parts = killed / "jobs" / "image" / "parts"
-    proc = subprocess.Popen(_cli(tiny_model_dir, bench, killed), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300
-        while len(list(parts.glob("*.json"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    committed = len(list(parts.glob("*.json")))
-    assert proc.returncode == -signal.SIGKILL
-    assert 2 <= committed < KILL_QUESTIONS // 2, committed  # stopped mid-run, with chunks committed
+    done = kill_9_after_commits(_cli(tiny_model_dir, bench, killed), killed / "jobs" / "image", 2, env=env)
+    assert 2 <= len(done) < KILL_QUESTIONS // 2, done  # stopped mid-run, with chunks committed
     assert not (killed / "predictions.jsonl").exists()
 
     subprocess.run(_cli(tiny_model_dir, bench, killed), check=True, capture_output=True, timeout=600, env=env)
     for name in ("predictions.jsonl", "scored.jsonl"):
         assert (killed / name).read_bytes() == (whole / name).read_bytes(), name
     assert _report_without_date(killed)["overall"] == _report_without_date(whole)["overall"]
-    logs = [json.loads(p.read_text()) for p in sorted(parts.glob("*.json"))]
-    chunks = [i for log in logs for i in log["items"]]
+    chunks = committed_items(killed / "jobs" / "image")
     assert chunks == [f"{k:06d}" for k in range(KILL_QUESTIONS // 2)]  # none redone, none missing
 
 
@@ -161,3 +150,69 @@ def test_ray_engine_gives_the_local_answers(endpoint: FixtureEndpoint, bench: Pa
     assert on_ray["overall"] == local["overall"]
     parts = sorted((tmp_path / "ray" / "jobs" / "image" / "parts").glob("*.json"))
     assert len(parts) == QUESTIONS // 8
+
+
+# ------------------------------------------------------------------ report generation: the same job path
+
+REPORT_STUDIES = 12
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory) -> Path:
+    """A plain JSONL report set: 8 training and 12 test studies, one synthetic chest X-ray each."""
+    return write_reports_jsonl(tmp_path_factory.mktemp("reports"), n_test=REPORT_STUDIES)
+
+
+def report_files(out: Path) -> dict:
+    """What a report run leaves that must not depend on how it was run (report.json but its date)."""
+    files = {n: (out / n).read_bytes() for n in ("predictions.jsonl", "baselines.jsonl", "scored.jsonl")}
+    return files | {"report.json": _report_without_date(out)}
+
+
+def test_report_generation_killed_mid_run_then_rerun_gives_identical_files(
+    tiny_model_dir: Path, reports: Path, tmp_path: Path
+) -> None:
+    def cli(out: Path, workers: int) -> list[str]:
+        return [MEDVL, "eval", "--model", str(tiny_model_dir), "--bench", "reports-jsonl", "--data",
+                str(reports), "--out", str(out), "--chunk-size", "1", "--batch-size", "1",
+                "--max-new-tokens", "6", "--workers", str(workers),
+                "--report-option", "meteor=false"]  # fmt: skip
+
+    whole = tmp_path / "whole"
+    subprocess.run(cli(whole, 1), check=True, capture_output=True, timeout=600)
+    killed = tmp_path / "killed"
+    done = kill_9_after_commits(cli(killed, 2), killed / "jobs" / "image", 2)
+    assert 2 <= len(done) < REPORT_STUDIES, done  # stopped mid-run, with chunks committed
+    assert not (killed / "predictions.jsonl").exists()
+    subprocess.run(cli(killed, 1), check=True, capture_output=True, timeout=600)
+    assert report_files(killed) == report_files(whole)
+    assert committed_items(killed / "jobs" / "image") == [f"{k:06d}" for k in range(REPORT_STUDIES)]
+
+
+def test_report_generation_worker_processes_give_the_same_files(
+    tiny_model_dir: Path, reports: Path, tmp_path: Path
+) -> None:
+    opts = dict(limit=5, chunk=2, batch_size=2, max_new_tokens=6, meteor=False, progress=False)
+    one = evaluate_reports(str(tiny_model_dir), "reports-jsonl", reports, tmp_path / "one", **opts)
+    two = evaluate_reports(str(tiny_model_dir), "reports-jsonl", reports, tmp_path / "two", workers=2, **opts)
+    assert report_files(tmp_path / "one") == report_files(tmp_path / "two")
+    assert one["n"] == 5 and one["metrics"] == two["metrics"]
+    assert "vision tower" in two["run"]["baselines"]["nearest_neighbour"]["embedding"]
+    # Without the limit the job goes on: chunks were cut over the whole split (the third one, of
+    # studies 4 and 5, is done), so only the studies after them are generated.
+    first = (tmp_path / "one" / "predictions.jsonl").read_text().splitlines()
+    opts["limit"] = None
+    evaluate_reports(str(tiny_model_dir), "reports-jsonl", reports, tmp_path / "one", **opts)
+    lines = (tmp_path / "one" / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == REPORT_STUDIES and lines[:5] == first
+    assert committed_items(tmp_path / "one" / "jobs" / "image") == [f"{k:06d}" for k in range(6)]
+
+
+def test_report_generation_on_ray_gives_the_local_files(endpoint: FixtureEndpoint, reports: Path, tmp_path):
+    model = APIModel(endpoint.url, "fixture", max_concurrency=2)
+    opts = dict(chunk=4, meteor=False, progress=False)
+    evaluate_reports(model, "reports-jsonl", reports, tmp_path / "local", **opts)
+    evaluate_reports(model, "reports-jsonl", reports, tmp_path / "ray", workers=2, engine="ray", **opts)
+    assert report_files(tmp_path / "ray") == report_files(tmp_path / "local")
+    assert committed_items(tmp_path / "ray" / "jobs" / "image") == [f"{k:06d}" for k in range(3)]
+    assert len(endpoint.requests) == 2 * REPORT_STUDIES  # each run (its own cache) asked each study once

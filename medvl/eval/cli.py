@@ -43,13 +43,15 @@ def eval_cmd(
     train_split: Path = typer.Option(
         None, help="Training split (same format as --data) for the majority and question-only baselines."
     ),
-    workers: int = typer.Option(1, min=1, help="Worker processes (or Ray actors) answering in parallel."),
+    workers: int = typer.Option(
+        1, min=1, help="Worker processes (or Ray actors) answering (or writing reports) in parallel."
+    ),
     engine: str = typer.Option("local", help="Where workers run: local (processes) or ray."),
     api_concurrency: int = typer.Option(
         4, min=1, help="Requests in flight per worker to --api-base (retries and a cache in --out)."
     ),
     chunk_size: int = typer.Option(
-        64, min=1, help="Questions per unit of work and per commit (a killed run redoes at most one)."
+        64, min=1, help="Questions (studies) per unit of work and commit; a killed run redoes at most one."
     ),
     report_option: list[str] = typer.Option(
         None, help="Report generation setting KEY=VALUE (repeatable; docs/eval.md, Report generation)."
@@ -87,6 +89,7 @@ def eval_cmd(
                 report_cli(
                     model, api_base, api_model, api_key, bench, data, out, rescore,
                     split, batch_size, max_new_tokens, limit, report_option or [], api_concurrency,
+                    workers, engine, chunk_size,
                 )
             )  # fmt: skip
             return

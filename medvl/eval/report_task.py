@@ -3,8 +3,12 @@ score it against the reference with the metrics of :mod:`medvl.eval.report_metri
 baselines the same way (the most frequent training report; the training report of the nearest
 image), and write report.json and report.md.
 
-Files in `out`: `predictions.jsonl` (one generated report per study, written from a resumable job
-in `jobs/image/`, so a killed run continues where it stopped), `baselines.jsonl`, `run.json`,
+The reports are generated as the VQA questions are answered (:func:`medvl.eval.harness.predict`): a
+resumable job on :mod:`medvl.jobs` in `out/jobs/image/`, in fixed chunks of studies, sharded across
+worker processes or Ray actors; a run killed at any point continues after its last committed chunk
+and writes the same files, byte for byte, as a run never stopped, whatever the number of workers.
+
+Files in `out`: `predictions.jsonl` (one generated report per study), `baselines.jsonl`, `run.json`,
 `scored.jsonl` (each study's scores), `report.json`, `report.md`. See docs/eval.md, "Report generation".
 """
 
@@ -21,7 +25,17 @@ from PIL import Image
 import medvl
 from medvl import RESEARCH_ONLY
 from medvl.eval.benchmarks import BenchmarkError
-from medvl.eval.harness import Answerer, APIModel, LocalModel, as_answerer, predict, prediction_path
+from medvl.eval.harness import (
+    DEFAULT_CHUNK,
+    Answerer,
+    APIModel,
+    LocalModel,
+    as_answerer,
+    model_name,
+    predict,
+    prediction_path,
+    prepare_model,
+)
 from medvl.eval.radiology import (
     CT_REGION,
     CT_SLICE_FRACTIONS,
@@ -374,27 +388,31 @@ def evaluate_reports(
     clinical: ClinicalOptions | None = None,
     meteor: bool = True,
     device: str = "cpu",
+    workers: int = 1,
+    engine: str = "local",
+    chunk: int = DEFAULT_CHUNK,
     progress: bool = True,
 ) -> dict:
     """Generate a report for every study of `split` of report set `bench` (iu-xray, mimic-cxr,
     ct-rate, reports-jsonl) read from `data` with `model` (a folder, a VLM or an APIModel), score
     it and the baselines, write the files listed in the module docstring to `out`, return the report.
     `clinical` names local model files for the clinical metrics; `nn_pool` caps (seeded sample) the
-    training studies the retrieval baseline embeds; `device` runs the clinical models."""
+    training studies the retrieval baseline embeds; `device` runs the clinical models;
+    `workers`/`engine`/`chunk` shard the generation as :func:`medvl.eval.harness.evaluate` does."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     reports = load_reports(bench, Path(data), max_images=max_images)
     if reports.single_text:
         section = "both"
-    test = reports.split(split, section)[:limit]
+    studies = reports.split(split, section)
+    test = studies[:limit]
     if not test:
         raise BenchmarkError(
             f"{data}: no {split} reports with a {section} section ({'; '.join(reports.notes)})"
         )
-    answerer = as_answerer(model)
     instruction = report_instruction(section)
     run = {
-        "model": answerer.name,
+        "model": model_name(model),
         "bench": bench,
         "data": str(data),
         "split": split,
@@ -411,16 +429,19 @@ def evaluate_reports(
         "medvl_version": medvl.__version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    if isinstance(answerer, APIModel) and answerer.client.cache_dir is None:
-        answerer = answerer.with_options(cache_dir=out / "llm-cache")
+    answerer = prepare_model(model, out, workers)
     rows = predict(
         answerer,
-        to_items(test, section),
+        to_items(studies, section),  # the whole split: a run with a larger limit continues this one
         prediction_path(out),
         bench=bench,
         config={k: run[k] for k in ("model", "bench", "data", "split", "section", "max_images")},
+        limit=limit,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
+        chunk=chunk,
+        workers=workers,
+        engine=engine,
         progress=progress,
     )
     train = reports.split("train", section) if split != "train" else []
@@ -433,7 +454,9 @@ def evaluate_reports(
     elif not train:
         run["baselines"] = {"not_run": f"no training reports with a {section} section in this report set"}
     else:
-        baseline_rows, run["baselines"] = baseline_predictions(answerer, train, test, section, nn_pool)
+        # The retrieval baseline embeds images in this process (a model folder is loaded here now).
+        embedder = as_answerer(answerer)
+        baseline_rows, run["baselines"] = baseline_predictions(embedder, train, test, section, nn_pool)
     with (out / "baselines.jsonl").open("w", encoding="utf-8") as f:
         for row in baseline_rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -553,6 +576,9 @@ def report_cli(
     limit: int | None,
     options: list[str],
     api_concurrency: int = 4,
+    workers: int = 1,
+    engine: str = "local",
+    chunk: int = DEFAULT_CHUNK,
 ) -> str:
     """`medvl eval --bench <report set>`: run (or with `rescore`, re-score) and return the summary."""
     kwargs, clinical = parse_report_options(options)
@@ -579,6 +605,9 @@ def report_cli(
         max_new_tokens=max_new_tokens or DEFAULT_REPORT_TOKENS,
         limit=limit,
         clinical=clinical,
+        workers=workers,
+        engine=engine,
+        chunk=chunk,
         **kwargs,
     )
     return summary(report, out)
