@@ -651,7 +651,7 @@ def volume_samples(
             meta=slice_meta,
         )
     if opts.volume is not None:
-        # The spec reorients the file as read (it records the file's own orientation).
+        # The file as read, not `lps`: the spec reorients it itself and records the file's orientation.
         v = opts.volume.apply(img, None if lab is None else lab, lrel or rel)
         boxes, ranges = (
             ([], {}) if v.labels is None else label_boxes(as_label_array(v.labels, lrel), card.label_names)
@@ -690,7 +690,8 @@ def _label_volume(opts, root: Path, rel: str):
 
 @register("nifti")
 class Nifti:
-    """NIfTI (or any SimpleITK-readable) volumes with optional label volumes -> 2D slices."""
+    """NIfTI (or any SimpleITK-readable) volumes with optional label volumes -> 2D slices (and each volume
+    whole, with `options.volume`)."""
 
     Options = VolumeOptions
 

@@ -15,7 +15,8 @@ curated.
 4. Intensities -> uint8 channels. CT (HU): one channel per window of `windows` (names of
    `medvl.imaging.CT_WINDOWS` or [centre, width]) and one for `hu_range` [low, high], through the same
    `window` function as the 2D slices. Anything else (MR, PET): one channel, the `percentiles` range of
-   the whole reoriented volume mapped onto 0-255.
+   the reoriented volume (taken, as for the 2D slices, over every (n // 16)-th of its n axial slices)
+   mapped onto 0-255.
 5. Fixed size: each axis centre-cropped (the surplus split evenly, the odd voxel off the end) or
    padded with 0 (the window's bottom: air for CT, background for MR) to `size`.
 
@@ -32,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from medvl.errors import InputError
 
-from .display import percentile_range, scale
+from .display import percentile_range, reference_planes, scale
 from .volume import THREADS, check_same_grid, orientation_code, to_lps
 from .windows import CT_WINDOWS, window
 
@@ -125,7 +126,8 @@ class VolumeSpec(BaseModel):
         if self.hu:
             rng, threshold = None, self.foreground_hu
         else:
-            rng = percentile_range(values, self.percentiles)
+            # The 2D slices' rule (`reference_planes`): every (n // 16)-th slice sets the range.
+            rng = percentile_range(values[reference_planes(len(values))], self.percentiles)
             threshold = float(rng[0] + self.foreground_fraction * (rng[1] - rng[0]))
         if self.crop_foreground:
             box = _box(values > threshold)
