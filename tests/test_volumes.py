@@ -134,6 +134,14 @@ def test_spec_round_trips_and_refuses_what_it_cannot_do():
     ):
         with pytest.raises(ValidationError):
             VolumeSpec(**{"spacing": [1, 1, 1], "size": [8, 8, 8], **bad})
+    # `apply` itself refuses labels on another grid (serving and training call it without curation).
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(np.zeros((4, 6, 6), np.int16))
+    lab = sitk.GetImageFromArray(np.zeros((4, 6, 6), np.uint8))
+    lab.SetSpacing((1.0, 1.0, 2.0))
+    with pytest.raises(InputError, match=r"label spacing \[1.0, 1.0, 2.0\] mm != image \[1.0, 1.0, 1.0\] mm"):
+        spec.apply(img, lab, "seg.nii.gz")
     with pytest.raises(InputError, match="a MR volume needs a spec with no windows"):
         spec.check_modality("MR", "t2.nii.gz")
     with pytest.raises(InputError, match="a CT volume needs a spec with windows or hu_range"):
@@ -401,6 +409,12 @@ def test_phantom_volumes_resume_after_kill_9(phantoms, tmp_path):
         names = {int(k): n for k, n in card.label_names.items()}
         assert set(r["labels"]) == {names[int(x)] for x in np.unique(again.labels) if x}
         assert r["body_region"] == r["file"].split("/")[0].capitalize() and r["modality"] == "CT"
+    # LPS columns: the liver (patient's right) in the low columns, the spleen (left) in the high ones.
+    abdomen = [json.loads(r["volume"]) for r in rows if r["body_region"] == "Abdomen"]
+    centre = lambda v, label: [(b["x_min"] + b["x_max"]) / 2 for b in v["boxes"] if b["label"] == label]  # noqa: E731
+    assert abdomen and all(
+        max(centre(v, "liver")) < v["shape"][3] / 2 < min(centre(v, "spleen")) for v in abdomen
+    )
 
 
 # ---------------------------------------------------------------- bad input
