@@ -32,6 +32,7 @@ from medvl.eval.report_metrics import (
     CHEXBERT_CONDITIONS,
     ClinicalMetrics,
     ClinicalOptions,
+    MeteorJar,
     TextMetrics,
     coco_bleu_intervals,
     corpus_bleu_interval,
@@ -44,6 +45,7 @@ from medvl.eval.report_metrics import (
     python_ptb_tokenize,
 )
 from medvl.eval.report_task import baseline_predictions, evaluate_reports, rescore_reports
+from medvl.eval.stats import resample_indices
 
 JAVA = shutil.which("java") is not None
 
@@ -430,7 +432,7 @@ def test_text_metrics_and_degeneracy() -> None:
         assert perfect[form]["meteor"] is None
     assert len(each) == 3 and each[0]["bleu_4"] == pytest.approx(1.0)
     # Every metric with an interval: a perfect system's resamples are all perfect; the template's
-    # intervals hold its point estimate. (METEOR is not run here and has none.)
+    # intervals hold its point estimate. (METEOR is not run here: no interval either.)
     for form in ("raw", "cleaned"):
         ci = perfect[form]["ci95"]
         assert ci["bleu_4"] == pytest.approx([1.0, 1.0]) and ci["rouge_l"] == pytest.approx([1.0, 1.0])
@@ -458,7 +460,34 @@ def test_meteor_runs_with_java() -> None:
     finally:
         tm.close()
     assert 0 < scores["cleaned"]["meteor"] < 1 and each[0]["meteor"] > each[1]["meteor"]
+    lo, hi = scores["cleaned"]["ci95"]["meteor"]
+    assert lo <= scores["cleaned"]["meteor"] <= hi
     assert tm.info()["meteor"].startswith("METEOR 1.5")
+
+
+@pytest.mark.skipif(not JAVA, reason="METEOR needs Java")
+def test_meteor_interval_resamples_the_jar_s_alignment_statistics() -> None:
+    refs = [clean_report(r) for r in REPORT_SENTENCES]
+    hyps = [clean_report(r) for r in (*REPORT_SENTENCES[5:], *REPORT_SENTENCES[:3])] + ["", "the heart ."]
+    jar = MeteorJar()
+    try:
+        point, each, ci = jar.score(refs, hyps, samples=200)
+        # The jar's own corpus score and per-report scores (pycocoevalcap's call, aligning everything).
+        own, own_each = jar.jar.compute_score({i: [r] for i, r in enumerate(refs)},
+                                              {i: [h] for i, h in enumerate(hyps)})  # fmt: skip
+        assert point == own and each == own_each
+        assert ci[0] <= point <= ci[1] and ci[0] < ci[1]
+        # A resample's EVAL of pooled statistics lines is the jar's score of those reports aligned anew.
+        idx = next(resample_indices(len(refs), 1))[0]
+        stats = jar.statistics(refs, hyps)
+        again, _ = jar.jar.compute_score({k: [refs[i]] for k, i in enumerate(idx)},
+                                         {k: [hyps[i]] for k, i in enumerate(idx)})  # fmt: skip
+        assert jar.evaluate([stats[i] for i in idx])[0] == pytest.approx(again, abs=1e-12)
+        # Deterministic by seed; another seed draws other resamples.
+        assert jar.score(refs, hyps, samples=200)[2] == ci
+        assert jar.score(refs, hyps, samples=200, seed=1)[2] != ci
+    finally:
+        jar.close()
 
 
 def test_label_f1() -> None:

@@ -48,6 +48,7 @@ from medvl.eval.radiology import (
     to_items,
 )
 from medvl.eval.report_metrics import (
+    METEOR_BOOTSTRAP_SAMPLES,
     ClinicalMetrics,
     ClinicalOptions,
     TextMetrics,
@@ -175,7 +176,8 @@ def baseline_predictions(
 MEASURES = {
     "bleu_n": "n-gram precision against the reference (BLEU-n, geometric mean up to n, brevity penalty), "
     "corpus level: wording overlap, not clinical correctness",
-    "meteor": "unigram matches with stems and synonyms (METEOR 1.5), corpus level",
+    "meteor": "unigram matches with stems and synonyms (METEOR 1.5), corpus level (pooled alignment "
+    "statistics), with a bootstrap interval over reports",
     "rouge_l": "longest common subsequence F-measure, mean over reports",
     "cider": "TF-IDF weighted n-gram similarity (CIDEr-D), rewarding words that are rare in the references",
     "sacrebleu": "corpus BLEU (sacreBLEU, its signature given) with a 95% bootstrap interval over reports",
@@ -229,7 +231,7 @@ def score_reports(
         "n": len(rows),
         "metrics": metrics,
         "implementations": {"text": text.info(), "clinical": clin.info()},
-        "statistics": {"bootstrap": BOOTSTRAP_INFO},
+        "statistics": {"bootstrap": BOOTSTRAP_INFO, "meteor_bootstrap_samples": METEOR_BOOTSTRAP_SAMPLES},
         "measures": MEASURES,
     }
     scored = [
@@ -282,8 +284,9 @@ def to_markdown(report: dict) -> str:
             "",
             f"sacreBLEU signature: `{next(iter(m.values()))[form]['sacrebleu']['signature']}`. "
             "[low, high]: 95% percentile-bootstrap interval over the reports ({samples} resamples, seed "
-            "{seed}; CIDEr keeps the whole set's document frequencies; METEOR has none).".format(
-                **BOOTSTRAP_INFO
+            "{seed}; CIDEr keeps the whole set's document frequencies; METEOR: the first {meteor} of those "
+            "resamples, each scored by the jar from the reports' alignment statistics).".format(
+                **BOOTSTRAP_INFO, meteor=METEOR_BOOTSTRAP_SAMPLES
             ),
             "",
         ]

@@ -11,7 +11,7 @@ questions' shared difficulty cancels (a much narrower interval than two separate
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -30,24 +30,43 @@ BOOTSTRAP_INFO = {
 }
 
 
-def _resampled_means(values: np.ndarray, samples: int, seed: int) -> np.ndarray:
-    """Mean of `values` (questions on axis 0) on each of `samples` resamples of the questions."""
+def resample_indices(
+    n: int, samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED
+) -> Iterator[np.ndarray]:
+    """The bootstrap's resamples of `n` questions, in blocks of rows (resamples x n indices, drawn with
+    replacement). Every interval draws its resamples here, so with the same seed resample k picks the
+    same questions for every metric, and fewer samples are the first ones of more."""
     rng = np.random.default_rng(seed)
-    n = len(values)
-    out = np.empty((samples, *values.shape[1:]))
-    # Chunks of resamples keep the index matrix small on large benchmarks (~8 MB per chunk at n=10k).
+    # Blocks keep the index matrix small on large benchmarks (~8 MB per block at n=10k).
     chunk = max(1, 1_000_000 // max(n, 1))
     for start in range(0, samples, chunk):
-        stop = min(samples, start + chunk)
-        idx = rng.integers(0, n, (stop - start, n))
-        out[start:stop] = values[idx].mean(axis=1)
-    return out
+        yield rng.integers(0, n, (min(samples, start + chunk) - start, n))
+
+
+def _resampled_means(values: np.ndarray, samples: int, seed: int) -> np.ndarray:
+    """Mean of `values` (questions on axis 0) on each of `samples` resamples of the questions."""
+    return np.concatenate([values[idx].mean(axis=1) for idx in resample_indices(len(values), samples, seed)])
 
 
 def _percentiles(values: np.ndarray) -> list[float]:
     tail = 100 * (1 - CONFIDENCE) / 2
     lo, hi = np.percentile(values, [tail, 100 - tail], axis=0)
     return [float(lo), float(hi)]
+
+
+def indexed_interval(
+    n: int,
+    statistic: Callable[[np.ndarray], float],
+    *,
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> list[float]:
+    """95% percentile-bootstrap interval of a statistic of the questions a resample picks:
+    `statistic(indices)` for each resample's `n` indices. For a statistic that is no function of
+    per-question means (METEOR's corpus score, which its jar computes from pooled alignment
+    statistics); one that is goes through :func:`resampled_interval`, vectorised."""
+    values = [statistic(idx) for block in resample_indices(n, samples, seed) for idx in block]
+    return _percentiles(np.asarray(values, dtype=float))
 
 
 def mean_interval(
