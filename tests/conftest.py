@@ -1,15 +1,21 @@
 """Shared fixtures and helpers: a tiny random-weights model saved as a plain Hugging Face folder, small
-LLaVA-format training data with real PNG files, and the kill -9 of a job mid-run."""
+LLaVA-format training data with real PNG files, the kill -9 of a job mid-run, and OpenAI-style
+fixture servers on loopback."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
 import subprocess
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -116,3 +122,139 @@ def committed_items(job: Path) -> list[str]:
     """The ids of the items a medvl.jobs job folder has committed, in commit order."""
     parts = sorted((job / "parts").glob("part-*.json"))
     return [k for p in parts for k in json.loads(p.read_text())["items"]]
+
+
+# ---------------------------------------------------------------- OpenAI-style fixture servers
+
+
+def chat_completion(
+    model: str,
+    content: str | None,
+    *,
+    finish_reason: str = "stop",
+    usage: dict | None = None,
+    refusal: str | None = None,
+    id: str = "chatcmpl-fixture",
+) -> dict:
+    """The body of an OpenAI `chat.completion` answer with one choice. `usage`: prompt and completion
+    tokens (their total is added); None leaves the field out."""
+    message = {"role": "assistant", "content": content, **({"refusal": refusal} if refusal else {})}
+    answer = {
+        "id": id,
+        "object": "chat.completion",
+        "created": 0,
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason}],
+    }
+    if usage is not None:
+        answer["usage"] = {**usage, "total_tokens": sum(usage.values())}
+    return answer
+
+
+def chat_error(message: str, kind: str = "server_error") -> dict:
+    """The body of an OpenAI error answer."""
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
+class ChatFixtureServer(http.server.ThreadingHTTPServer):
+    """TEST FIXTURE, not an implementation of anything: a loopback HTTP server answering
+    `POST /v1/chat/completions`. A subclass's `reply(body, headers)` gives the answer: (HTTP status,
+    JSON body, extra response headers). Run it with `serve_in_thread`."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _ChatHandler)
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+    def reply(self, body: dict, headers) -> tuple[int, dict, dict]:
+        raise NotImplementedError
+
+
+class _ChatHandler(http.server.BaseHTTPRequestHandler):
+    server: ChatFixtureServer
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        status, answer, headers = self.server.reply(body, self.headers)
+        payload = json.dumps(answer).encode()
+        self.send_response(status)
+        for name, value in {"Content-Type": "application/json", **headers}.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+Server = TypeVar("Server", bound=http.server.HTTPServer)
+
+
+@contextmanager
+def serve_in_thread(server: Server) -> Iterator[Server]:
+    """`server` serving from a daemon thread until the block ends, then shut down and closed."""
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class FixtureEndpoint(ChatFixtureServer):
+    """A scripted endpoint for what a real model server does not do on demand (errors, slow answers,
+    Retry-After, chosen token counts). Each request takes the next entry of `script` (keys: status,
+    delay in seconds, headers, usage; absent keys: a 200 answer at once); when the script is used up,
+    `default`. The answer's text is "echo: " + the last message's text, and its usage says the
+    request's length in bytes as prompt tokens and the text's length as completion tokens. It records
+    every request (arrival time, body, Authorization header) and the most requests it held at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.script: list[dict] = []
+        self.default: dict = {}
+        self.requests: list[dict] = []
+        self.usages: list[dict | None] = []  # the usage each 200 answer carried
+        self.in_flight = self.max_in_flight = 0
+
+    def handle_error(self, request, client_address) -> None:
+        pass  # a client that timed out and hung up is part of the script, not an error
+
+    def reply(self, body: dict, headers) -> tuple[int, dict, dict]:
+        with self.lock:
+            step = self.script.pop(0) if self.script else self.default
+            self.requests.append(
+                {"time": time.monotonic(), "body": body, "auth": headers.get("Authorization")}
+            )
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            time.sleep(step.get("delay", 0))
+            status, extra = step.get("status", 200), step.get("headers", {})
+            if status != 200:
+                # The message quotes the key it was sent, so that the client's masking is tested.
+                return status, chat_error(f"scripted failure (sent {headers.get('Authorization')})"), extra
+            last = body["messages"][-1]["content"]
+            text = "echo: " + (last if isinstance(last, str) else last[-1]["text"])
+            usage = step.get(
+                "usage", {"prompt_tokens": len(json.dumps(body)), "completion_tokens": len(text)}
+            )
+            with self.lock:
+                self.usages.append(usage)
+            answer = chat_completion(body["model"], text, usage=usage, id=f"chatcmpl-{len(self.requests)}")
+            return 200, answer, extra
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+
+@pytest.fixture
+def endpoint() -> Iterator[FixtureEndpoint]:
+    with serve_in_thread(FixtureEndpoint()) as srv:
+        yield srv

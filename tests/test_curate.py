@@ -7,10 +7,8 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import committed_items, kill_9_after_commits
 from PIL import Image
 
 from medvl.curate.card import CardError, load_card
@@ -305,21 +304,8 @@ def test_resume_after_sigkill_of_the_cli(tmp_path):
     card = write_xray(tmp_path / "xray", n)
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "medvl.cli", "curate", "--card", str(card), "--out", str(out)]
-    proc = subprocess.Popen(
-        [*cmd, "--workers", "2", "--shard-records", "10"],
-        start_new_session=True,  # its own process group: the kill takes the pool workers too
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        while not list((out / "parts").glob("part-*.json")) and proc.poll() is None:
-            time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    committed = kill_9_after_commits([*cmd, "--workers", "2", "--shard-records", "10"], out)
     assert not (out / "report.json").exists()
-    committed = {k for p in (out / "parts").glob("part-*.json") for k in json.loads(p.read_text())["items"]}
     assert 0 < len(committed) < n  # killed mid-run, after at least one commit
 
     resumed = curate([load_card(card)], out, workers=1, shard_records=10)
@@ -330,7 +316,7 @@ def test_resume_after_sigkill_of_the_cli(tmp_path):
         p.relative_to(o): p.read_bytes() for d in ("data", "parts") for p in (o / d).iterdir()
     }
     assert committed(out) == committed(tmp_path / "clean")
-    items = [k for p in (out / "parts").glob("part-*.json") for k in json.loads(p.read_text())["items"]]
+    items = committed_items(out)
     assert len(items) == len(set(items)) == n  # every item committed exactly once
 
 

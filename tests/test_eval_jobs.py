@@ -13,14 +13,11 @@ import os
 import random
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import committed_items, kill_9_after_commits
+from conftest import FixtureEndpoint, committed_items, kill_9_after_commits
 from PIL import Image
-from test_llm import FixtureEndpoint
 from test_report_generation import write_reports_jsonl
 
 from medvl.eval.harness import APIModel, evaluate, prediction_path
@@ -94,17 +91,6 @@ def test_worker_processes_give_the_same_answers(tiny_model_dir: Path, bench: Pat
 
 
 # ------------------------------------------------------------------ API models
-
-
-@pytest.fixture
-def endpoint() -> Iterator[FixtureEndpoint]:
-    srv = FixtureEndpoint()
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
 
 
 def test_api_concurrency_and_a_rerun_sends_nothing(endpoint: FixtureEndpoint, bench: Path, tmp_path: Path):

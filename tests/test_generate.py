@@ -9,10 +9,8 @@ import io
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, committed_items, kill_9_after_commits
 from PIL import Image
 
 from medvl.errors import InputError
@@ -432,17 +430,8 @@ def test_kill9_then_rerun_gives_identical_output(tmp_path):
     src = write_curated(tmp_path / "cur", mixed_rows(500))
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "medvl.cli", "generate", str(src), "--out", str(out), "--zh-share", "0.4"]
-    proc = subprocess.Popen([*cmd, "--workers", "2"], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    try:
-        while not list((out / "parts").glob("part-*.json")) and proc.poll() is None:
-            time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    done = kill_9_after_commits([*cmd, "--workers", "2"], out)
     assert not (out / "samples.jsonl").exists()
-    done = {k for p in (out / "parts").glob("part-*.json") for k in json.loads(p.read_text())["items"]}
     assert 0 < len(done) < 499
     again = subprocess.run([*cmd, "--workers", "1"], capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-2000:]
@@ -450,7 +439,7 @@ def test_kill9_then_rerun_gives_identical_output(tmp_path):
     assert snapshot(out) == snapshot(tmp_path / "clean")
     report = json.loads((out / "report.json").read_text())
     assert report == clean and report["read"] == report["kept"] + report["rejected"] + report["quarantined"]
-    items = [k for p in (out / "parts").glob("part-*.json") for k in json.loads(p.read_text())["items"]]
+    items = committed_items(out)
     assert len(items) == len(set(items)) == 499  # every record (the test-split one left out) exactly once
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import chat_completion, chat_error
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from PIL import Image
@@ -93,24 +94,14 @@ class WriterFixture:
         try:
             await asyncio.sleep(step.get("delay", 0))
             if step.get("status", 200) != 200:
-                error = {"message": "scripted failure", "type": "server_error", "param": None, "code": None}
-                return JSONResponse({"error": error}, status_code=step["status"])
+                return JSONResponse(chat_error("scripted failure"), status_code=step["status"])
             content, finish, refusal = self.answer(body, step.get("mode", "good"))
-            prompt, completion = len(json.dumps(body)) // 4, len(content or "") // 4
-            message = {"role": "assistant", "content": content, **({"refusal": refusal} if refusal else {})}
+            usage = {
+                "prompt_tokens": len(json.dumps(body)) // 4,
+                "completion_tokens": len(content or "") // 4,
+            }
             return JSONResponse(
-                {
-                    "id": "chatcmpl-fixture",
-                    "object": "chat.completion",
-                    "created": 0,
-                    "model": body["model"],
-                    "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-                    "usage": {
-                        "prompt_tokens": prompt,
-                        "completion_tokens": completion,
-                        "total_tokens": prompt + completion,
-                    },
-                }
+                chat_completion(body["model"], content, finish_reason=finish, usage=usage, refusal=refusal)
             )
         finally:
             with self.lock:

@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pyarrow as pa
 import pytest
+from conftest import kill_9_after_commits
 
 from medvl.errors import InputError
 from medvl.jobs import DriverStep, Drop, Flag, Quarantine, Step, run
@@ -301,13 +302,8 @@ def test_a_job_shuts_down_the_ray_it_started(ray_by_value, inputs, clean, tmp_pa
     assert files(out) == files(clean[0])
 
 
-def start_job(src: Path, out: Path, workers: int, delay: float, **popen) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, __file__, str(src), str(out), str(workers), str(delay)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        **popen,
-    )
+def job_command(src: Path, out: Path, workers: int, delay: float) -> list[str]:
+    return [sys.executable, __file__, str(src), str(out), str(workers), str(delay)]
 
 
 def test_sigkilled_job_resumes_to_the_same_output(inputs, clean, tmp_path):
@@ -315,16 +311,8 @@ def test_sigkilled_job_resumes_to_the_same_output(inputs, clean, tmp_path):
     uninterrupted run's, byte for byte."""
     src, _ = inputs
     out = tmp_path / "out"
-    proc = start_job(src, out, workers=2, delay=0.01, start_new_session=True)
-    try:
-        while len(list((out / "parts").glob("part-*.json"))) < 2 and proc.poll() is None:
-            time.sleep(0.01)
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    done = kill_9_after_commits(job_command(src, out, workers=2, delay=0.01), out, 2)
     assert not (out / "summary.json").exists()
-    done = [k for p in (out / "parts").glob("*.json") for k in json.loads(p.read_text())["items"]]
     assert 0 < len(done) < 300
     job(src, out, workers=1)
     assert files(out) == files(clean[0])
@@ -365,8 +353,8 @@ def assert_children_die_with(proc: subprocess.Popen, n: int, within: float = 5.0
 
 
 def test_workers_end_when_the_job_is_killed(inputs, tmp_path):
-    proc = start_job(inputs[0], tmp_path / "out", workers=2, delay=0.05)
-    assert_children_die_with(proc, 2)
+    cmd = job_command(inputs[0], tmp_path / "out", workers=2, delay=0.05)
+    assert_children_die_with(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), 2)
 
 
 def test_watchdog_ends_an_orphan():

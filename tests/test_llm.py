@@ -1,19 +1,15 @@
 """medvl.llm's client against real loopback servers: `medvl serve` with the tiny model (its 429 when
-the queue is full, its API key check), and a scripted OpenAI-style fixture server for what a real
-model server does not do on demand (500s, slow answers, Retry-After, chosen token counts), which
-also counts the requests it gets."""
+the queue is full, its API key check), and conftest's scripted OpenAI-style fixture server (the
+`endpoint` fixture) for what a real model server does not do on demand (500s, slow answers,
+Retry-After, chosen token counts), which also counts the requests it gets."""
 
 from __future__ import annotations
 
 import base64
-import http.server
 import io
-import json
 import logging
-import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import replace
 
 import numpy as np
@@ -22,105 +18,6 @@ from PIL import Image
 from test_serve import KEY, SETTINGS, build_tiny_model, direct, free_port, serving
 
 from medvl.llm import LLMClient, LLMError, Price, image_data_url
-
-# ---------------------------------------------------------------- the fixture endpoint
-
-
-class FixtureEndpoint(http.server.ThreadingHTTPServer):
-    """TEST FIXTURE, not an implementation of anything: a loopback HTTP server that answers
-    `POST /v1/chat/completions` in OpenAI's shape. Each request takes the next entry of `script`
-    (keys: status, delay in seconds, headers, usage; absent keys: a 200 answer at once); when the
-    script is used up, `default`. The answer's text is "echo: " + the last message's text, and its
-    usage says the request's length in bytes as prompt tokens and the text's length as completion
-    tokens. It records every request (arrival time, body, Authorization header) and the most
-    requests it held at once."""
-
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _FixtureHandler)
-        self.script: list[dict] = []
-        self.default: dict = {}
-        self.requests: list[dict] = []
-        self.usages: list[dict | None] = []  # the usage each 200 answer carried
-        self.in_flight = self.max_in_flight = 0
-        self.lock = threading.Lock()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-    def handle_error(self, request, client_address) -> None:
-        pass  # a client that timed out and hung up is part of the script, not an error
-
-
-class _FixtureHandler(http.server.BaseHTTPRequestHandler):
-    server: FixtureEndpoint
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        srv = self.server
-        with srv.lock:
-            step = srv.script.pop(0) if srv.script else srv.default
-            srv.requests.append(
-                {"time": time.monotonic(), "body": body, "auth": self.headers.get("Authorization")}
-            )
-            srv.in_flight += 1
-            srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
-        try:
-            time.sleep(step.get("delay", 0))
-            status = step.get("status", 200)
-            if status == 200:
-                last = body["messages"][-1]["content"]
-                text = "echo: " + (last if isinstance(last, str) else last[-1]["text"])
-                usage = step.get(
-                    "usage", {"prompt_tokens": len(json.dumps(body)), "completion_tokens": len(text)}
-                )
-                with srv.lock:
-                    srv.usages.append(usage)
-                answer = {
-                    "id": f"chatcmpl-{len(srv.requests)}",
-                    "object": "chat.completion",
-                    "created": 0,
-                    "model": body["model"],
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": {"role": "assistant", "content": text},
-                            "finish_reason": "stop",
-                        }
-                    ],
-                }
-                if usage is not None:
-                    answer["usage"] = {**usage, "total_tokens": sum(usage.values())}
-            else:
-                # The message quotes the key it was sent, so that the client's masking is tested.
-                message = f"scripted failure (sent {self.headers.get('Authorization')})"
-                answer = {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
-            payload = json.dumps(answer).encode()
-            self.send_response(status)
-            for name, value in {"Content-Type": "application/json", **step.get("headers", {})}.items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-        finally:
-            with srv.lock:
-                srv.in_flight -= 1
-
-    def log_message(self, *args) -> None:
-        pass
-
-
-@pytest.fixture
-def endpoint() -> Iterator[FixtureEndpoint]:
-    srv = FixtureEndpoint()
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
 
 
 def fast(url: str, **kw) -> LLMClient:

@@ -11,17 +11,15 @@ raised on numbers as option texts (269 cases), and agreed on 87.1% of the rest.
 
 from __future__ import annotations
 
-import http.server
 import importlib.util
-import json
 import random
-import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import ChatFixtureServer, chat_completion, chat_error, serve_in_thread
 
 from medvl.eval import matching
 from medvl.eval.matching import choice_by_letter, choice_by_text, extract_choice
@@ -422,49 +420,23 @@ API_FAILED = "Failed to obtain answer via API."  # what VLMEvalKit's wrappers an
 HTTP_400 = object()  # a scripted reply: the fixture endpoint refuses the request
 
 
-class ScriptedJudge(http.server.ThreadingHTTPServer):
+class ScriptedJudge(ChatFixtureServer):
     """TEST FIXTURE: a loopback OpenAI-style endpoint whose reply to a prompt is the next of the
     replies scripted for that prompt (HTTP_400: a 400 error instead). It records every prompt."""
 
-    daemon_threads = True
-
     def __init__(self, script: dict[str, list]) -> None:
-        super().__init__(("127.0.0.1", 0), _ScriptedHandler)
+        super().__init__()
         self.script = {k: list(v) for k, v in script.items()}
         self.prompts: list[str] = []
-        self.lock = threading.Lock()
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-
-class _ScriptedHandler(http.server.BaseHTTPRequestHandler):
-    server: ScriptedJudge
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+    def reply(self, body: dict, headers) -> tuple[int, dict, dict]:
         prompt = body["messages"][-1]["content"]
-        with self.server.lock:
-            self.server.prompts.append(prompt)
-            reply = self.server.script[prompt].pop(0)
+        with self.lock:
+            self.prompts.append(prompt)
+            reply = self.script[prompt].pop(0)
         if reply is HTTP_400:
-            status, answer = 400, {"error": {"message": "scripted refusal", "type": "invalid_request_error"}}
-        else:
-            message = {"role": "assistant", "content": reply}
-            choice = {"index": 0, "message": message, "finish_reason": "stop"}
-            status = 200
-            answer = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                      "choices": [choice]}  # fmt: skip
-        payload = json.dumps(answer).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args) -> None:
-        pass
+            return 400, chat_error("scripted refusal", "invalid_request_error"), {}
+        return 200, chat_completion(body["model"], reply), {}
 
 
 class _ScriptedModel:
@@ -531,15 +503,10 @@ def test_judge_fallback_agrees_with_vlmevalkit(monkeypatch) -> None:
         item = pd.Series({"question": question, "prediction": prediction, **options})
         expected.append(ref.extract_answer_from_item(model, item))
         assert extract_choice(prediction, options) is None, i  # every case reaches the judge
-    server = ScriptedJudge(script)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with serve_in_thread(ScriptedJudge(script)) as server:
         rows = [{"id": str(i), "kind": "mc", "question": q, "options": o, "answer": "A", "prediction": p}
                 for i, (q, o, p, _) in enumerate(JUDGE_CASES)]  # fmt: skip
         assert judge_unresolved(rows, LLMClient(server.url, max_retries=0), "judge") == len(JUDGE_CASES)
-    finally:
-        server.shutdown()
-        server.server_close()
     assert Counter(server.prompts) == Counter(model.prompts)  # same prompts, each as often
     for row, want, (_, options, _, replies) in zip(rows, expected, JUDGE_CASES, strict=True):
         if "randomly" in want["log"]:
@@ -552,12 +519,8 @@ def test_judge_fallback_agrees_with_vlmevalkit(monkeypatch) -> None:
     again = [dict(r, prediction=r["prediction"]) for r in rows]
     for r in again:
         r.pop("judge"), r.pop("judge_log", None)
-    server = ScriptedJudge({judge_prompt(q, o, p): ["?"] * 3 for q, o, p, _ in JUDGE_CASES})
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    unsure = {judge_prompt(q, o, p): ["?"] * 3 for q, o, p, _ in JUDGE_CASES}
+    with serve_in_thread(ScriptedJudge(unsure)) as server:
         judge_unresolved(again, LLMClient(server.url), "judge")
-    finally:
-        server.shutdown()
-        server.server_close()
     randoms = [i for i, r in enumerate(rows) if "judge_log" in r]
     assert randoms and all(again[i]["judge"] == rows[i]["judge"] for i in randoms)

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import http.server
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import ChatFixtureServer, chat_completion, kill_9_after_commits, serve_in_thread
 from PIL import Image
 
 from medvl.errors import InputError
@@ -454,31 +452,20 @@ def test_slake_style_benchmark_and_exact_hash_is_curations(tmp_path):
 # ---------------------------------------------------------------- the LLM judge (fixture server)
 
 
-class JudgeFixture(http.server.ThreadingHTTPServer):
-    """TEST FIXTURE, not an implementation of anything: a loopback OpenAI-style endpoint answering
-    `POST /v1/chat/completions`. Judge requests (the judge's system prompt) get a critique and a score
-    chosen by a marker in the conversation: "MALFORMED" -> no score line, "WRONGSCORE" -> 0, else 2;
-    blind (text-only) requests get "Z", a letter no question has. `delay`: seconds before each answer."""
-
-    daemon_threads = True
+class JudgeFixture(ChatFixtureServer):
+    """TEST FIXTURE, not an implementation of anything: a loopback OpenAI-style endpoint. Judge
+    requests (the judge's system prompt) get a critique and a score chosen by a marker in the
+    conversation: "MALFORMED" -> no score line, "WRONGSCORE" -> 0, else 2; blind (text-only) requests
+    get "Z", a letter no question has. `delay`: seconds before each answer."""
 
     def __init__(self, delay: float = 0.0) -> None:
-        super().__init__(("127.0.0.1", 0), _JudgeHandler)
+        super().__init__()
         self.delay = delay
         self.requests: list[dict] = []
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-
-class _JudgeHandler(http.server.BaseHTTPRequestHandler):
-    server: JudgeFixture
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append(body)
-        time.sleep(self.server.delay)
+    def reply(self, body: dict, headers) -> tuple[int, dict, dict]:
+        self.requests.append(body)
+        time.sleep(self.delay)
         system, user = body["messages"][0]["content"], json.dumps(body["messages"][-1]["content"])
         if "cannot see the image" in system:
             text = "Z"
@@ -488,41 +475,14 @@ class _JudgeHandler(http.server.BaseHTTPRequestHandler):
             text = "Critique: the reply contradicts the facts.\nScore: 0"
         else:
             text = "Critique: consistent with the facts and medically sound.\nScore: 2"
-        payload = json.dumps(
-            {
-                "id": "x",
-                "object": "chat.completion",
-                "created": 0,
-                "model": body["model"],
-                "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                ],
-                "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
-            }
-        ).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
-def serve_fixture(delay: float = 0.0) -> Iterator[JudgeFixture]:
-    srv = JudgeFixture(delay)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
+        usage = {"prompt_tokens": 10, "completion_tokens": 5}
+        return 200, chat_completion(body["model"], text, usage=usage), {}
 
 
 @pytest.fixture
 def judge_server() -> Iterator[JudgeFixture]:
-    yield from serve_fixture()
+    with serve_in_thread(JudgeFixture()) as srv:
+        yield srv
 
 
 def test_llm_judge_scores_fail_closed_on_malformed_replies(tmp_path, judge_server):
@@ -584,17 +544,9 @@ def test_kill_9_then_rerun_gives_identical_outputs(tmp_path):
         good_samples(g, k)
     gen, cfg = g.write(), config(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    for srv in serve_fixture(delay=0.05):
+    with serve_in_thread(JudgeFixture(delay=0.05)) as srv:
         a = tmp_path / "a"
-        proc = subprocess.Popen([sys.executable, "-c", RUN, gen, a, cfg, srv.url], env=env)
-        deadline = time.monotonic() + 120
-        while not (a / "scores" / "parts" / "part-00001.json").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, (
-                "the run ended before it could be killed"
-            )
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_9_after_commits([sys.executable, "-c", RUN, gen, a, cfg, srv.url], a / "scores", 2, 120, env=env)
         assert not (a / "report.json").exists()
         subprocess.run([sys.executable, "-c", RUN, gen, a, cfg, srv.url], env=env, check=True)
         b = tmp_path / "b"
