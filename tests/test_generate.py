@@ -472,3 +472,27 @@ def test_generated_set_trains(tmp_path, tiny_model_dir):
     res = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "stage.yaml")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "run" / "final").is_dir()
+
+
+def test_volume_records_are_skipped_not_quarantined(tmp_path, monkeypatch):
+    """A curated set of phantoms (slices and whole volumes): the volume records are skipped with their
+    reason, the slices generate as usual, and read = kept + rejected + quarantined + skipped."""
+    from medvl.curate.card import load_card
+    from medvl.curate.pipeline import curate
+    from medvl.generate.pipeline import SKIP_VOLUME
+    from medvl.synth.volumes import write_phantoms
+
+    write_phantoms(tmp_path / "phantoms", 3, shape=(16, 48, 48), seed=1)
+    monkeypatch.setenv("MEDVL_SYNTH_3D", str(tmp_path / "phantoms"))
+    curate([load_card(CARDS / "synthetic-3d.yaml")], tmp_path / "cur", workers=1)
+    rows = pq.read_table(tmp_path / "cur" / "data").to_pylist()
+    volumes = {r["id"] for r in rows if r["kind"] == "volume" and r["split"] in ("train", "")}
+    assert volumes and any(r["kind"] == "image" for r in rows)
+    report = generate([tmp_path / "cur"], tmp_path / "gen", TemplateBackend(), formats=("caption",), seed=0)
+    assert report["skipped"] == len(volumes) and report["skipped_reasons"] == {SKIP_VOLUME: len(volumes)}
+    assert report["quarantined"] == 0 and report["kept"] > 0
+    assert report["read"] == report["kept"] + report["rejected"] + report["quarantined"] + report["skipped"]
+    rejected = [json.loads(line) for line in (tmp_path / "gen" / "rejected.jsonl").open()]
+    assert not volumes & {r["record_id"] for r in rejected}
+    samples = [json.loads(line) for line in (tmp_path / "gen" / "samples.jsonl").open()]
+    assert not volumes & {s["provenance"]["record_id"] for s in samples}

@@ -135,10 +135,12 @@ def _card_md(cards: list[Card], report: dict, quarantine: list[dict]) -> str:
         "**Research use only. Not for diagnosis or any clinical decision.** Each source keeps its own "
         "licence (below); redistribution follows the most restrictive of them.",
         "",
-        "Records: one 2D image (or slice, or frame) each, with modality, labels, boxes (pixels, "
-        "`x_max`/`y_max` exclusive), department, original and clinical task, body region, source, licence "
-        "and a provenance id (`source/file[#sliceN|#frameN]`). DICOM headers were de-identified before "
-        "anything was kept.",
+        "Records: one 2D image (or slice, or frame) each (`kind` `image`), with modality, labels, boxes "
+        "(pixels, `x_max`/`y_max` exclusive), department, original and clinical task, body region, source, "
+        "licence and a provenance id (`source/file[#sliceN|#frameN]`); where a card keeps volumes whole, one "
+        "record per volume too (`kind` `volume`, id `source/file#volume`): its preprocessed array in "
+        "`volumes/<sha256>.npy`, the spec that made it (`volume_spec`), its spacing, 3D boxes in voxels and "
+        "slice ranges per label (`volume`). DICOM headers were de-identified before anything was kept.",
         "",
         "```python",
         "from datasets import load_dataset",

@@ -1,6 +1,8 @@
 """Curated records -> validated instruction samples, on `medvl.jobs` (workers, Ray, resume after kill -9).
 
-One item is one curated record. Its step computes the fact sheet (a bad record — missing field,
+One item is one curated record. A volume record (`kind == "volume"`) is skipped with the reason
+`SKIP_VOLUME`: samples are written from 2D images only so far (its slices, curated as image records, are
+generated as usual). Any other record's step computes the fact sheet (a bad record — missing field,
 unreadable image, box outside the image — is quarantined with its id and the reason), writes the image
 once as `images/<sha256>.png`, asks the backend for every requested format in English and, for a share
 of (record, format) pairs drawn from the seed, in Chinese, validates each sample against the fact sheet
@@ -12,7 +14,8 @@ per kept sample with its provenance columns; `parts/`, `dropped.jsonl`, `quarant
     images/<sha256>.png   each record's image, written once (SHA-256 of the PNG file)
     samples.jsonl         the kept samples, LLaVA rows (`medvl train` with image_root = this folder)
     rejected.jsonl        every rejected sample with its reasons (and records that gave no sample)
-    report.json           counts: read = kept + rejected + quarantined, by source x format x language
+    report.json           counts: read = kept + rejected + quarantined + skipped, by source x format x
+                          language
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from .backend import Backend, seeded
 
 DEFAULT_SPLITS = ("train",)
 DEFAULT_ZH_SHARE = 0.3
+SKIP_VOLUME = "volume: 3D generation not available yet"
 
 
 class GenerateStep(Step):
@@ -127,6 +131,9 @@ class GenerateStep(Step):
 
     def __call__(self, item: dict) -> Iterable[dict | Drop]:
         record = item["record"]
+        if record.get("kind") == "volume":
+            yield Drop(SKIP_VOLUME)
+            return
         png, im = decode_image(record)
         facts = fact_sheet(record, (png, im))
         if any(f != "text" for f in self.formats):
@@ -237,11 +244,13 @@ def finalize(out: str | Path) -> dict:
     atomic_write(out / "samples.jsonl", lambda p: p.write_text("".join(r["sample"] + "\n" for r in rows)))
     dropped = read_rows(out / "dropped.jsonl") if (out / "dropped.jsonl").stat().st_size else []
     quarantined = read_rows(out / "quarantine.jsonl") if (out / "quarantine.jsonl").stat().st_size else []
+    skipped = [d for d in dropped if d["reason"] == SKIP_VOLUME]
     rejected = [
         {"record_id": d["item"], "source": d["source"], "format": d.get("format", ""),
          "lang": d.get("lang", ""), "reason": d["reason"], "reasons": d.get("reasons", [d["reason"]]),
          "sample": d.get("sample")}
         for d in dropped
+        if d["reason"] != SKIP_VOLUME
     ]  # fmt: skip
     atomic_write(
         out / "rejected.jsonl",
@@ -266,12 +275,15 @@ def finalize(out: str | Path) -> dict:
         "kept": len(rows),
         "rejected": len(rejected),
         "quarantined": len(quarantined),
+        "skipped": len(skipped),
         "records": summary["items"],
         "reasons": dict(sorted(Counter(r["reason"] for r in rejected).items())),
         "quarantined_by_source": dict(sorted(Counter(q["source"] for q in quarantined).items())),
+        "skipped_reasons": dict(sorted(Counter(d["reason"] for d in skipped).items())),
+        "skipped_by_source": dict(sorted(Counter(d["source"] for d in skipped).items())),
         "by": by,
     }
-    if report["read"] != report["kept"] + report["rejected"] + report["quarantined"]:
+    if report["read"] != report["kept"] + report["rejected"] + report["quarantined"] + report["skipped"]:
         raise RuntimeError(f"{out}: counts do not add up: {report}")
     atomic_write(out / "report.json", lambda p: p.write_text(json.dumps(report, indent=1, sort_keys=True)))
     return report
