@@ -5,19 +5,15 @@ already answered (a loopback fixture endpoint counts the requests)."""
 
 from __future__ import annotations
 
-import base64
-import csv
-import io
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import FixtureEndpoint, committed_items, kill_9_after_commits
-from PIL import Image
+from test_eval_model import write_mc_tsv
 from test_report_generation import write_reports_jsonl
 
 from medvl.eval.harness import APIModel, evaluate, prediction_path
@@ -27,25 +23,13 @@ MEDVL = str(Path(sys.executable).parent / "medvl")
 QUESTIONS = 40
 
 
-def _png_b64(rng: random.Random) -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", (24, 24), tuple(rng.randrange(256) for _ in range(3))).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory) -> Path:
     """A multiple-choice TSV of 40 questions over 4 categories, 3 or 4 options."""
-    rng = random.Random(3)
     path = tmp_path_factory.mktemp("jobs-bench") / "bench.tsv"
-    with path.open("w", newline="") as f:
-        w = csv.writer(f, delimiter="\t")
-        w.writerow(["index", "image", "question", "A", "B", "C", "D", "answer", "category"])
-        for i in range(QUESTIONS):
-            options = ["CT", "MR", "X-ray", "PET" if i % 2 else ""]
-            w.writerow([i, _png_b64(rng), f"Which modality is image {i}?", *options, "ABC"[i % 3],
-                        ["Modality", "Organ", "Lesion", "Grade"][i % 4]])  # fmt: skip
-    return path
+    return write_mc_tsv(
+        path, QUESTIONS, 3, "Which modality is image {i}?", ["Modality", "Organ", "Lesion", "Grade"]
+    )
 
 
 # The killed run: the first 16 questions in chunks of 2 (8 commits), a few tokens each (CPU time is short).

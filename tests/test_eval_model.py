@@ -49,26 +49,28 @@ def eval_tiny_model(tmp_path_factory) -> Path:
     return folder
 
 
-def _png_b64(rng: random.Random) -> str:
-    im = Image.new("RGB", (24, 24), tuple(rng.randrange(256) for _ in range(3)))
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
+def write_mc_tsv(path: Path, n: int, seed: int, question: str, categories: list[str]) -> Path:
+    """A multiple-choice benchmark in VLMEvalKit's TSV layout: n questions (`question`, in which `{i}`
+    is the question's index), each with a 24 x 24 one-colour PNG, options CT, MR, X-ray (and PET
+    for odd i), the answer cycling through A-C and the category through `categories`."""
+    rng = random.Random(seed)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f, delimiter="\t")
+        w.writerow(["index", "image", "question", "A", "B", "C", "D", "answer", "category"])
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.new("RGB", (24, 24), tuple(rng.randrange(256) for _ in range(3))).save(buf, format="PNG")
+            options = ["CT", "MR", "X-ray", "PET" if i % 2 else ""]
+            w.writerow([i, base64.b64encode(buf.getvalue()).decode(), question.format(i=i), *options,
+                        "ABC"[i % 3], categories[i % len(categories)]])  # fmt: skip
+    return path
 
 
 @pytest.fixture(scope="session")
 def synthetic_mc(tmp_path_factory) -> Path:
     """A quickstart-style benchmark: two questions per OmniMedVQA question type, 3 or 4 options."""
-    rng = random.Random(1)
     path = tmp_path_factory.mktemp("bench") / "synthetic.tsv"
-    with path.open("w", newline="") as f:
-        w = csv.writer(f, delimiter="\t")
-        w.writerow(["index", "image", "question", "A", "B", "C", "D", "answer", "category"])
-        for i in range(10):
-            options = ["CT", "MR", "X-ray"] + (["PET"] if i % 2 else [""])
-            w.writerow([i, _png_b64(rng), "Which modality is this?", *options, "ABC"[i % 3],
-                        OMNIMEDVQA_QUESTION_TYPES[i % 5]])  # fmt: skip
-    return path
+    return write_mc_tsv(path, 10, 1, "Which modality is this?", list(OMNIMEDVQA_QUESTION_TYPES[:5]))
 
 
 def test_mc_report_resume_and_rescore(eval_tiny_model: Path, synthetic_mc: Path, tmp_path: Path) -> None:
