@@ -5,6 +5,12 @@ The input format is the one the ecosystem already uses (LLaVA, XTuner, ShareGPT4
 "value": "...<image>..."}]}` in a JSON list or JSONL file. The prompt is rendered by the model's own
 chat template, so training sees exactly what inference builds; the loss covers assistant tokens only
 (the template's `{% generation %}` span, which includes the end-of-turn token).
+
+A sample may name a stored volume instead of images: `"volume": "volumes/<sha256>.npy"` (a curated
+volume record's `volume.file`, a uint8 [C, S, P, L] array, relative to the image root). It becomes a
+multi-image sample of the `slices` route (docs/3d.md): K slabs (`medvl.imaging.volume_slabs`), K set by
+the dataset's token budget per volume and the model's image tokens per image; its one `<image>`
+placeholder becomes K, one per line, the text the chat template renders for K image parts at inference.
 """
 
 from __future__ import annotations
@@ -12,10 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
-from medvl.imaging import read_image
+from medvl.imaging import DEFAULT_VOLUME_TOKENS, read_image, slab_count, volume_slabs
 from medvl.model.build import VLM
 from medvl.prompts import IMAGE_TOKEN
 from medvl.records import read_rows
@@ -33,6 +40,12 @@ class Sample:
     labels: list[int]
     images: list[Path]
     image_size: int | None = None  # input size of the images (None: the vision tower's own)
+    volume: Path | None = None  # a stored volume, fed as `slabs` images in place of `images`
+    slabs: int = 0
+
+    @property
+    def n_images(self) -> int:
+        return len(self.images) + self.slabs
 
 
 def image_tokens_at(config, size: int | None) -> int:
@@ -87,25 +100,52 @@ def to_messages(record: dict, where: str) -> list[dict]:
     return messages
 
 
-def tokenize(vlm: VLM, record: dict, image_root: Path, max_length: int, where: str) -> Sample:
-    """One record -> a Sample. Raises ValueError naming `where` (file and sample id) on bad input."""
+def tokenize(
+    vlm: VLM,
+    record: dict,
+    image_root: Path,
+    max_length: int,
+    where: str,
+    volume_tokens: int = DEFAULT_VOLUME_TOKENS,
+) -> Sample:
+    """One record -> a Sample. Raises ValueError naming `where` (file and sample id) on bad input.
+    `volume_tokens`: the image tokens a `volume` sample's slabs may take (module docstring)."""
     sid = str(record.get("id", "?"))
     where = f"{where} (sample id {sid})"
     images = record.get("image") or []
     images = [images] if isinstance(images, str) else list(images)
+    volume = record.get("volume")
+    if volume is not None and (images or not isinstance(volume, str)):
+        raise ValueError(f"{where}: 'volume' must be one file path, in a sample without 'image'")
     messages = to_messages(record, where)
     n_placeholders = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
-    if n_placeholders == 0 and images:
+    n_wanted = 1 if volume is not None else len(images)
+    if n_placeholders == 0 and n_wanted:
         # LLaVA convention: an image sample without a placeholder gets it before the first question.
         first_user = next(m for m in messages if m["role"] == "user")
         first_user["content"] = f"{IMAGE_TOKEN}\n" + first_user["content"]
-        n_placeholders = len(images) if len(images) == 1 else 0
-    if n_placeholders != len(images):
-        raise ValueError(f"{where}: {n_placeholders} '<image>' placeholders but {len(images)} images")
+        n_placeholders = 1 if n_wanted == 1 else 0
+    if n_placeholders != n_wanted:
+        what = "volume" if volume is not None else "images"
+        raise ValueError(f"{where}: {n_placeholders} '<image>' placeholders but {n_wanted} {what}")
     paths = [image_root / p for p in images]
     for p in paths:
         if not p.is_file():
             raise FileNotFoundError(f"{where}: image file not found: {p}")
+    volume_path, slabs = None, 0
+    if volume is not None:
+        volume_path = image_root / volume
+        if not volume_path.is_file():
+            raise FileNotFoundError(f"{where}: volume file not found: {volume_path}")
+        try:
+            shape = np.load(volume_path, mmap_mode="r", allow_pickle=False).shape  # the header only
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{where}: volume {volume_path} is unreadable ({e})") from None
+        if len(shape) != 4:
+            raise ValueError(f"{where}: volume {volume_path} is {list(shape)}, expected [C, S, P, L]")
+        slabs = slab_count(shape[1], vlm.model.config.image_seq_length, volume_tokens)
+        turn = next(m for m in messages if IMAGE_TOKEN in m["content"])
+        turn["content"] = turn["content"].replace(IMAGE_TOKEN, "\n".join([IMAGE_TOKEN] * slabs), 1)
 
     enc = vlm.tokenizer.apply_chat_template(
         messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
@@ -123,19 +163,25 @@ def tokenize(vlm: VLM, record: dict, image_root: Path, max_length: int, where: s
             labels.append(tok if is_answer else IGNORE)
     if len(ids) > max_length:
         raise ValueError(f"{where}: {len(ids)} tokens (with image tokens) exceed max_length={max_length}")
-    return Sample(sid, ids, labels, paths)
+    return Sample(sid, ids, labels, paths, volume=volume_path, slabs=slabs)
 
 
 class ConversationDataset(torch.utils.data.Dataset):
     """Tokenized up front (lengths are needed for batching); images are read when a batch is built."""
 
-    def __init__(self, vlm: VLM, sources: list[tuple[Path, Path | None]], max_length: int) -> None:
+    def __init__(
+        self,
+        vlm: VLM,
+        sources: list[tuple[Path, Path | None]],
+        max_length: int,
+        volume_tokens: int = DEFAULT_VOLUME_TOKENS,
+    ) -> None:
         self.vlm = vlm
         self.samples: list[Sample] = []
         for path, image_root in sources:
             root = Path(image_root) if image_root else Path(path).parent
             for i, rec in enumerate(read_rows(path)):
-                self.samples.append(tokenize(vlm, rec, root, max_length, f"{path}[{i}]"))
+                self.samples.append(tokenize(vlm, rec, root, max_length, f"{path}[{i}]", volume_tokens))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -143,7 +189,7 @@ class ConversationDataset(torch.utils.data.Dataset):
     def lengths(self, image_size: int | None = None) -> list[int]:
         """Token counts with images fed at `image_size` px (None: the vision tower's own size)."""
         extra = image_tokens_at(self.vlm.model.config, image_size) - self.vlm.model.config.image_seq_length
-        return [len(s.input_ids) + extra * len(s.images) for s in self.samples]
+        return [len(s.input_ids) + extra * s.n_images for s in self.samples]
 
     def __getitem__(self, key: int | tuple[int, int | None]) -> tuple[Sample, list[Image.Image]]:
         """`dataset[i]`, or `dataset[i, size]` for the sample with its images at `size` px (the key
@@ -160,6 +206,9 @@ class ConversationDataset(torch.utils.data.Dataset):
                 images.append(read_image(p, self.vlm.preprocessing, size=side))
             except (OSError, ValueError) as e:
                 raise ValueError(f"sample id {s.id}: image {p} is unreadable ({e})") from e
+        if s.volume is not None:
+            # The image processor brings each slab to the tower's side, as it does a 2D image.
+            images.extend(volume_slabs(np.load(s.volume, allow_pickle=False), s.slabs))
         return s, images
 
 

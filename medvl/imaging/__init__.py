@@ -8,6 +8,8 @@
 - Curation's building blocks: `open_image` (2D files), `read_dicom` (-> `DicomFile.render`),
   `read_volume` / `read_dicom_series` (+ `to_lps`, `volume_planes`, `make_display`), `to_display`,
   `resize_spacing`.
+- The `slices` (2.5D) route: `volume_slabs` (a preprocessed volume -> K RGB slabs), `slab_count` (K from
+  a token budget), `read_scan` / `scan_slabs` (a NIfTI file or DICOM series at inference -> slabs).
 - `VolumeSpec`: the description that fully determines scan -> uint8 [C, S, P, L] volume (orientation,
   spacing, windows, foreground crop, size); `apply` is what curation stores and serving computes.
 - Identity keys: `content_hash` (exact, over decoded pixels), `perceptual_hash` (64-bit pHash).
@@ -30,6 +32,18 @@ from .files import MAX_BYTES, MAX_PIXELS, is_dicom, read_bytes
 from .hashing import content_hash, perceptual_hash
 from .preprocessing import DEFAULT_PREPROCESSING, Preprocessing
 from .read import open_image, read_image
+from .slabs import (
+    DEFAULT_CT_SPEC,
+    DEFAULT_OTHER_SPEC,
+    DEFAULT_VOLUME_TOKENS,
+    default_volume_spec,
+    is_scan,
+    read_scan,
+    scan_slabs,
+    slab_count,
+    slab_mode,
+    volume_slabs,
+)
 from .volume import (
     AXES,
     check_same_grid,
@@ -53,7 +67,10 @@ from .windows import (
 __all__ = [
     "AXES",
     "CT_WINDOWS",
+    "DEFAULT_CT_SPEC",
+    "DEFAULT_OTHER_SPEC",
     "DEFAULT_PREPROCESSING",
+    "DEFAULT_VOLUME_TOKENS",
     "DICOM_BODY_PARTS",
     "FALLBACK_WINDOW",
     "MAX_BYTES",
@@ -68,7 +85,9 @@ __all__ = [
     "check_same_grid",
     "content_hash",
     "ct_window",
+    "default_volume_spec",
     "is_dicom",
+    "is_scan",
     "label_boxes",
     "make_display",
     "normalise_percentile",
@@ -79,12 +98,17 @@ __all__ = [
     "read_dicom",
     "read_dicom_series",
     "read_image",
+    "read_scan",
     "read_volume",
     "reduce_for_size",
     "reference_planes",
     "resize_spacing",
+    "scan_slabs",
+    "slab_count",
+    "slab_mode",
     "to_display",
     "to_lps",
     "volume_planes",
+    "volume_slabs",
     "window",
 ]

@@ -1,0 +1,170 @@
+"""The `slices` (2.5D) route: a stored volume -> K slabs -> a multi-image sample of stock
+`LlavaForConditionalGeneration`, mixed with 2D samples in packed batches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medvl.data.conversations import ConversationDataset
+from medvl.data.packing import PackedCollator
+from medvl.imaging import read_volume, slab_count, slab_mode, volume_slabs
+from medvl.imaging.volume_spec import VolumeSpec
+from medvl.model.build import load
+from medvl.prompts import IMAGE_TOKEN
+from medvl.train.loop import loss_sum
+
+# The synthetic-3d card's spec (configs/cards/synthetic-3d.yaml): three windows, 32 slices.
+SPEC = VolumeSpec(
+    spacing=(5.0, 6.25, 6.25), size=(32, 64, 64), windows=("abdomen", "lung", "bone"), crop_foreground=True
+)
+
+
+def test_slab_count_from_the_token_budget():
+    assert slab_count(32, 16, 64) == 4
+    assert slab_count(32, 16, 70) == 4  # the budget's remainder buys no partial image
+    assert slab_count(32, 576, 4096) == 7
+    assert slab_count(5, 16, 4096) == 5  # never more slabs than slices
+    with pytest.raises(ValueError, match="does not pay for one image"):
+        slab_count(32, 576, 500)
+
+
+def test_windows_as_channels_average_each_slab():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (3, 10, 6, 5), dtype=np.uint8)
+    slabs = volume_slabs(a, 3)  # slabs of slices [0, 3), [3, 6), [6, 10)
+    assert slab_mode(3) == "windows" and len(slabs) == 3
+    for im, (lo, hi) in zip(slabs, [(0, 3), (3, 6), (6, 10)], strict=True):
+        assert im.mode == "RGB" and im.size == (5, 6)  # (L, P): columns wide, rows high
+        px = np.asarray(im)
+        for c in range(3):
+            for y in range(6):
+                for x in range(5):
+                    want = sum(int(a[c, z, y, x]) for z in range(lo, hi)) / (hi - lo)
+                    assert abs(int(px[y, x, c]) - want) <= 0.5
+
+
+def test_adjacent_slices_as_channels_when_not_three_windows():
+    """One channel (MR) or two windows: the slab's first, middle and last third of the first channel."""
+    a = np.zeros((2, 9, 2, 2), np.uint8)
+    a[0] = (np.arange(9) * 20)[:, None, None]  # slice z has value 20 z
+    a[1] = 255  # the second window is not used on this route
+    assert slab_mode(2) == slab_mode(1) == "adjacent slices"
+    first, second, third = (np.asarray(im)[0, 0].tolist() for im in volume_slabs(a, 3))
+    assert first == [0, 20, 40] and second == [60, 80, 100] and third == [120, 140, 160]
+    # A slab of one slice shows that slice in every channel; every slice in exactly one slab.
+    one = volume_slabs(a[:1], 9)
+    assert [np.asarray(im)[0, 0].tolist() for im in one] == [[20 * z] * 3 for z in range(9)]
+    with pytest.raises(ValueError, match="need 1 <= k <= 9"):
+        volume_slabs(a, 10)
+
+
+@pytest.fixture(scope="module")
+def mixed_data(tmp_path_factory) -> Path:
+    """Two phantom volumes (written as NIfTI, read back and preprocessed by the card's spec, stored as
+    curation stores them) and two 2D images, in one LLaVA file: two 3D samples, two 2D, one text."""
+    from medvl.synth.volumes import write_phantoms
+
+    root = tmp_path_factory.mktemp("mixed")
+    records = []
+    for i, path in enumerate(write_phantoms(root / "nifti", 2, shape=(16, 48, 48), seed=3)):
+        array = SPEC.apply(read_volume(path, path.name)).array
+        (root / "volumes").mkdir(exist_ok=True)
+        np.save(root / "volumes" / f"v{i}.npy", array, allow_pickle=False)
+        records.append(
+            {
+                "id": f"vol{i}",
+                "volume": f"volumes/v{i}.npy",
+                "conversations": [
+                    {"from": "human", "value": f"{IMAGE_TOKEN}\nWhich organs does this CT show?"},
+                    {"from": "gpt", "value": "The liver and the spleen."},
+                ],
+            }
+        )
+    (root / "img").mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((24, 24, 3), 60 + 100 * i, np.uint8)).save(root / "img" / f"{i}.png")
+        records.append(
+            {
+                "id": f"img{i}",
+                "image": f"img/{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "Is the image bright?"},
+                    {"from": "gpt", "value": "yes" if i else "no"},
+                ],
+            }
+        )
+    records.append(
+        {
+            "id": "text",
+            "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}],
+        }
+    )
+    (root / "data.json").write_text(json.dumps(records))
+    return root
+
+
+def test_mixed_2d_and_3d_batch_trains_one_step(tiny_model_dir, mixed_data):
+    vlm = load(tiny_model_dir)
+    cfg = vlm.model.config
+    per_image = cfg.image_seq_length  # 16 for the tiny preset (64 px, 16 px patches)
+    budget = 4 * per_image + 5  # four slabs; the remainder pays for no fifth
+    data = ConversationDataset(vlm, [(mixed_data / "data.json", None)], max_length=1024, volume_tokens=budget)
+    by_id = {s.id: s for s in data.samples}
+    k = slab_count(SPEC.size[0], per_image, budget)
+    assert k == 4
+    for sid, images in (("vol0", k), ("vol1", k), ("img0", 1), ("img1", 1), ("text", 0)):
+        s = by_id[sid]
+        assert s.input_ids.count(cfg.image_token_id) == images * per_image
+        assert s.n_images == images
+    # The training prompt of a volume is the prompt chat and the server build for K image parts.
+    s = by_id["vol0"]
+    served = vlm.processor.apply_chat_template(
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image"}] * k
+                + [{"type": "text", "text": "Which organs does this CT show?"}],
+            }
+        ],
+        add_generation_prompt=True,
+    )
+    served_ids = vlm.processor(text=served, images=volume_slabs(np.load(s.volume), k))["input_ids"][0]
+    assert s.input_ids[: len(served_ids)] == list(served_ids)
+
+    batch = [data[i] for i in range(len(data))]
+    assert [len(images) for _, images in batch] == [k, k, 1, 1, 0]
+    packed = PackedCollator(vlm, 256)(batch)
+    assert packed["pixel_values"].shape[0] == 2 * k + 2
+    assert int((packed["input_ids"] == cfg.image_token_id).sum()) == (2 * k + 2) * per_image
+    model = vlm.model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model.model.multi_modal_projector.linear_1.weight.detach().clone()
+    loss = loss_sum(model, packed) / packed["loss_units"]
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in model.model.vision_tower.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    optimizer.step()
+    assert not torch.equal(before, model.model.multi_modal_projector.linear_1.weight)
+    assert torch.isfinite(loss_sum(model, packed))
+
+
+def test_bad_volume_samples_name_the_sample(tiny_model_dir, mixed_data, tmp_path):
+    vlm = load(tiny_model_dir)
+    conv = [{"from": "human", "value": "What is shown?"}, {"from": "gpt", "value": "A CT."}]
+    cases = [
+        ({"volume": "volumes/v0.npy", "image": "img/0.png"}, "in a sample without 'image'"),
+        ({"volume": "volumes/none.npy"}, "volume file not found"),
+        ({"volume": "img/0.png"}, "is unreadable"),
+    ]
+    for extra, problem in cases:
+        (tmp_path / "d.json").write_text(json.dumps([{"id": "bad", "conversations": conv, **extra}]))
+        with pytest.raises((ValueError, FileNotFoundError), match=problem) as e:
+            ConversationDataset(vlm, [(tmp_path / "d.json", mixed_data)], 1024)
+        assert "sample id bad" in str(e.value)
