@@ -186,3 +186,24 @@ def test_report_generation_on_ray_gives_the_local_files(endpoint: FixtureEndpoin
     assert report_files(tmp_path / "ray") == report_files(tmp_path / "local")
     assert committed_items(tmp_path / "ray" / "jobs" / "image") == [f"{k:06d}" for k in range(3)]
     assert len(endpoint.requests) == 2 * REPORT_STUDIES  # each run (its own cache) asked each study once
+
+
+def test_cli_evaluates_an_api_model_on_both_tasks(endpoint: FixtureEndpoint, bench, reports, tmp_path):
+    from typer.testing import CliRunner
+
+    from medvl.cli import app
+
+    def cli(*args: str) -> object:
+        api = ["--api-base", endpoint.url, "--api-model", "fixture", "--api-concurrency", "2"]
+        return CliRunner().invoke(app, ["eval", *api, "--chunk-size", "4", *args])
+
+    vqa = cli("--bench", "mc", "--data", str(bench), "--limit", "4", "--out", str(tmp_path / "vqa"))
+    assert vqa.exit_code == 0, vqa.output
+    assert len(endpoint.requests) == 4 and endpoint.max_in_flight <= 2
+    rep = cli("--bench", "reports-jsonl", "--data", str(reports), "--limit", "2",
+              "--out", str(tmp_path / "rep"), "--report-option", "meteor=false")  # fmt: skip
+    assert rep.exit_code == 0, rep.output
+    assert len(endpoint.requests) == 8  # the first chunk of 4 studies
+    assert "reports-jsonl: 2 reports generated and scored" in rep.output
+    both = cli("--model", "m", "--bench", "reports-jsonl", "--data", "x")
+    assert both.exit_code == 2 and "give either --model, or --api-base" in both.output

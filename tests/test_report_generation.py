@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import committed_items
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -641,8 +642,8 @@ def test_medvl_eval_cli_routes_report_benchmarks(tmp_path: Path, tiny_model_dir:
     _tiny_bert(tmp_path / "bert")
     out = tmp_path / "cli"
     args = ["eval", "--model", str(tiny_model_dir), "--bench", "reports-jsonl", "--data", str(data),
-            "--out", str(out), "--max-new-tokens", "8", "--report-option", "meteor=false",
-            "--report-option", f"bertscore_model={tmp_path / 'bert'}",
+            "--out", str(out), "--max-new-tokens", "8", "--chunk-size", "2",
+            "--report-option", "meteor=false", "--report-option", f"bertscore_model={tmp_path / 'bert'}",
             "--report-option", "bertscore_layer=1"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -656,6 +657,7 @@ def test_medvl_eval_cli_routes_report_benchmarks(tmp_path: Path, tiny_model_dir:
         and report["implementations"]["clinical"]["models"]["bertscore"]["layer"] == 1
     )
     assert "bertscore" in report["metrics"]["nearest_neighbour"]["clinical"]
+    assert committed_items(out / "jobs" / "image") == ["000000", "000001"]  # 4 studies, chunks of 2
     rescored = CliRunner().invoke(
         app,
         ["eval", "--bench", "reports-jsonl", "--rescore", str(out / "predictions.jsonl"),
@@ -667,6 +669,8 @@ def test_medvl_eval_cli_routes_report_benchmarks(tmp_path: Path, tiny_model_dir:
     assert "bertscore" not in again["metrics"]["model"]["clinical"]  # not asked for this time
     bad = CliRunner().invoke(app, [*args[:-2], "--report-option", "colour=blue"])
     assert bad.exit_code == 1 and "KEY one of section" in bad.output
+    no_model = CliRunner().invoke(app, ["eval", "--bench", "reports-jsonl", "--data", str(data)])
+    assert no_model.exit_code == 2 and "give --model <folder>, or --api-base" in no_model.output
     missing = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--bench", "iu-xray",
                                        "--data", str(tmp_path / "nowhere")])  # fmt: skip
     assert missing.exit_code == 1 and "nowhere: IU X-ray folder or XML file not found" in missing.output

@@ -61,7 +61,7 @@ def eval_cmd(
     reference rows; or re-score a prediction file (--rescore); or compare runs (--compare)."""
     from medvl import RESEARCH_ONLY
     from medvl.eval.benchmarks import BenchmarkError
-    from medvl.eval.harness import APIModel, evaluate
+    from medvl.eval.harness import evaluate
     from medvl.eval.harness import rescore as rescore_file
     from medvl.eval.report import compare as compare_reports
 
@@ -85,11 +85,11 @@ def eval_cmd(
         if bench in REPORT_BENCHES.split(", "):
             from medvl.eval.report_task import report_cli
 
+            runner = None if rescore else _model(model, api_base, api_model, api_key, api_concurrency)
             typer.echo(
                 report_cli(
-                    model, api_base, api_model, api_key, bench, data, out, rescore,
-                    split, batch_size, max_new_tokens, limit, report_option or [], api_concurrency,
-                    workers, engine, chunk_size,
+                    runner, bench, data, out, rescore, split, batch_size, max_new_tokens, limit,
+                    report_option or [], workers, engine, chunk_size,
                 )
             )  # fmt: skip
             return
@@ -98,16 +98,8 @@ def eval_cmd(
         else:
             if bench is None or data is None:
                 raise typer.BadParameter("--bench and --data are required (or --rescore / --compare)")
-            if api_base or api_model:
-                if not (api_base and api_model) or model:
-                    raise typer.BadParameter("give either --model, or --api-base with --api-model")
-                runner = APIModel(api_base, api_model, api_key, max_concurrency=api_concurrency)
-            elif model:
-                runner = model
-            else:
-                raise typer.BadParameter("give --model <folder>, or --api-base and --api-model")
             report = evaluate(
-                runner,
+                _model(model, api_base, api_model, api_key, api_concurrency),
                 bench,
                 data,
                 out,
@@ -143,3 +135,17 @@ def eval_cmd(
     if dep and dep["image_independent"]:
         typer.echo("  FLAG: no measurable accuracy drop without the real images (report.md)")
     typer.echo(f"report: {out / 'report.md'}\n{RESEARCH_ONLY}")
+
+
+def _model(model: Path | None, api_base: str | None, api_model: str | None, api_key: str | None,
+           api_concurrency: int):  # fmt: skip
+    """What to evaluate: a model folder, or the model behind an OpenAI-compatible endpoint."""
+    from medvl.eval.harness import APIModel
+
+    if api_base or api_model:
+        if not (api_base and api_model) or model:
+            raise typer.BadParameter("give either --model, or --api-base with --api-model")
+        return APIModel(api_base, api_model, api_key, max_concurrency=api_concurrency)
+    if model:
+        return model
+    raise typer.BadParameter("give --model <folder>, or --api-base and --api-model")

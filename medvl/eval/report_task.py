@@ -28,7 +28,6 @@ from medvl.eval.benchmarks import BenchmarkError
 from medvl.eval.harness import (
     DEFAULT_CHUNK,
     Answerer,
-    APIModel,
     LocalModel,
     as_answerer,
     model_name,
@@ -565,10 +564,7 @@ def summary(report: dict, out: Path) -> str:
 
 
 def report_cli(
-    model: Path | None,
-    api_base: str | None,
-    api_model: str | None,
-    api_key: str | None,
+    model,
     bench: str,
     data: Path | None,
     out: Path,
@@ -578,28 +574,20 @@ def report_cli(
     max_new_tokens: int | None,
     limit: int | None,
     options: list[str],
-    api_concurrency: int = 4,
     workers: int = 1,
     engine: str = "local",
     chunk: int = DEFAULT_CHUNK,
 ) -> str:
-    """`medvl eval --bench <report set>`: run (or with `rescore`, re-score) and return the summary."""
+    """`medvl eval --bench <report set>`: run `model` (a folder or an APIModel; None with `rescore`) or
+    re-score a prediction file, and return the summary."""
     kwargs, clinical = parse_report_options(options)
     if rescore:
         scoring = {k: kwargs[k] for k in ("meteor", "device") if k in kwargs}
         return summary(rescore_reports(rescore, out, clinical=clinical, **scoring), out)
     if data is None:
         raise BenchmarkError("--data is required (or --rescore)")
-    if api_base or api_model:
-        if not (api_base and api_model) or model:
-            raise BenchmarkError("give either --model, or --api-base with --api-model")
-        runner = APIModel(api_base, api_model, api_key, max_concurrency=api_concurrency)
-    elif model:
-        runner = model
-    else:
-        raise BenchmarkError("give --model <folder>, or --api-base and --api-model")
     report = evaluate_reports(
-        runner,
+        model,
         bench,
         data,
         out,
