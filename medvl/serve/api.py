@@ -7,6 +7,11 @@ in OpenAI's error shape `{"error": {"message", "type", "param", "code"}}`: 401 (
 arriving), 413 (request or image bytes), 429 (queue full), 400 (everything else that is wrong with a
 request). Images come only as `data:` URLs (base64 PNG, JPEG or DICOM); the server
 fetches a URL or reads a file named in a request only under the operator's allow-lists.
+
+A scan may come as a `data:` URL too (`VOLUME_URL_TYPES`: a NIfTI file, .nii or .nii.gz, or a zipped
+DICOM series): read with the checks of curation (`medvl.imaging.read_scan`), preprocessed by the default
+spec for its modality and cut into slabs (`scan_slabs`, docs/3d.md), its image part then standing for K
+image parts, K from the volume token budget (`volume_tokens`) over the model's tokens per image.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medvl import RESEARCH_ONLY
-from medvl.imaging import Preprocessing, read_image
+from medvl.imaging import DEFAULT_VOLUME_TOKENS, Preprocessing, read_image, scan_slabs
+from medvl.imaging.slabs import MAX_SCAN_VOXELS
 from medvl.model.build import VLM
 from medvl.model.decode import Completion, Conversation
 from medvl.serve.batcher import Batcher, QueueFull, Sampling
@@ -44,6 +50,8 @@ from medvl.serve.limits import PromptCounter
 log = logging.getLogger("medvl.serve")
 
 DATA_URL_TYPES = ("image/png", "image/jpeg", "image/jpg", "application/dicom")
+# Scans: NIfTI (.nii.gz is gzip; .nii has no registered type) or a DICOM series as a zip of its files.
+VOLUME_URL_TYPES = ("application/gzip", "application/x-gzip", "application/x-nifti", "application/zip")
 # Every answer carries the research-only label, in a header so that the OpenAI shape stays stock.
 NOTICE = {"X-Medvl-Notice": RESEARCH_ONLY}
 
@@ -56,6 +64,9 @@ class ServeSettings:
     max_image_bytes: int = 16 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     max_images: int = 4
+    max_volume_bytes: int = 32 * 1024 * 1024  # a scan's compressed bytes, and a zipped series unpacked
+    max_volume_voxels: int = MAX_SCAN_VOXELS  # from the NIfTI header, before any voxel is read
+    volume_tokens: int = DEFAULT_VOLUME_TOKENS  # image tokens of one scan: sets its number of slabs
     max_tokens: int = 1024  # the most a request may ask for
     max_batch_size: int = 16
     max_queue: int = 64
@@ -145,6 +156,7 @@ def create_app(vlm: VLM, settings: ServeSettings) -> FastAPI:
     batcher = Batcher(vlm, settings.max_batch_size, settings.max_queue)
     counter = PromptCounter(vlm)
     image_size = vlm.model.config.vision_config.image_size  # images are read as in training
+    image_tokens = vlm.model.config.image_seq_length  # a scan's slabs: volume_tokens // image_tokens
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -192,7 +204,7 @@ def create_app(vlm: VLM, settings: ServeSettings) -> FastAPI:
                 "model",
                 "model_not_found",
             )
-        conversation = await _conversation(req, settings, image_size, vlm.preprocessing)
+        conversation = await _conversation(req, settings, image_size, image_tokens, vlm.preprocessing)
         prompt_tokens = await run_in_threadpool(counter.count, conversation)
         sampling = _sampling(req, prompt_tokens, counter.context, settings)
         try:
@@ -304,9 +316,14 @@ def _parse(body: bytes) -> ChatRequest:
 
 
 async def _conversation(
-    req: ChatRequest, settings: ServeSettings, image_size: int, preprocessing: Preprocessing
+    req: ChatRequest,
+    settings: ServeSettings,
+    image_size: int,
+    image_tokens: int,
+    preprocessing: Preprocessing,
 ) -> Conversation:
-    """The request's messages in the transformers shape, with its images decoded (off the event loop)."""
+    """The request's messages in the transformers shape, with its images decoded (off the event loop);
+    a scan's image part becomes one image part per slab."""
     if req.messages[-1].role != "user":
         raise APIError(
             400, "the last message must come from the user", f"messages.{len(req.messages) - 1}.role"
@@ -324,7 +341,9 @@ async def _conversation(
                             400, "images may only be sent in user messages", f"messages.{i}.content.{j}"
                         )
                     parts.append({"type": "image"})
-                    urls.append((f"messages.{i}.content.{j}.image_url.url", p.image_url.url))
+                    urls.append(
+                        (f"messages.{i}.content.{j}.image_url.url", p.image_url.url, i, len(parts) - 1)
+                    )
                 else:
                     parts.append({"type": "text", "text": p.text})
         if m.role == "user" and not any(p["type"] == "image" or p["text"].strip() for p in parts):
@@ -334,25 +353,46 @@ async def _conversation(
         raise APIError(
             400, f"{len(urls)} images, above the limit of {settings.max_images} per request", "messages"
         )
-    images = [await _image(url, param, settings, image_size, preprocessing) for param, url in urls]
-    return Conversation(messages, images)
+    decoded = [
+        await _images(url, param, settings, image_size, image_tokens, preprocessing)
+        for param, url, *_ in urls
+    ]
+    for (*_, i, j), images in reversed(list(zip(urls, decoded, strict=True))):  # later parts first
+        messages[i]["content"][j : j + 1] = [{"type": "image"}] * len(images)
+    return Conversation(messages, [im for images in decoded for im in images])
 
 
-async def _image(
-    url: str, param: str, settings: ServeSettings, size: int, preprocessing: Preprocessing
-) -> Image.Image:
+async def _images(
+    url: str, param: str, settings: ServeSettings, size: int, image_tokens: int, preprocessing: Preprocessing
+) -> list[Image.Image]:
+    """An image part's images: one, or a scan's slabs."""
     if url.startswith("data:"):
-        data = _data_url_bytes(url, param, settings.max_image_bytes)
+        mime, data = _data_url_bytes(url, param, settings)
+        if mime in VOLUME_URL_TYPES:
+            try:
+                return await run_in_threadpool(
+                    scan_slabs,
+                    data,
+                    image_tokens,
+                    settings.volume_tokens,
+                    max_bytes=settings.max_volume_bytes,
+                    max_voxels=settings.max_volume_voxels,
+                )
+            except ValueError as e:
+                raise APIError(400, f"{param}: {e}", param, "invalid_volume") from None
     elif url.startswith(("http://", "https://")):
         data = await _fetch(url, param, settings)
     elif url.startswith("file:"):
         data = _read_allowed_file(url, param, settings)
     else:
         raise APIError(
-            400, "image_url must be a data: URL (base64 PNG, JPEG or DICOM)", param, "invalid_image_url"
+            400,
+            "image_url must be a data: URL (base64 PNG, JPEG, DICOM, NIfTI or a zipped DICOM series)",
+            param,
+            "invalid_image_url",
         )
     try:
-        return await run_in_threadpool(
+        image = await run_in_threadpool(
             read_image,
             data,
             preprocessing,
@@ -363,31 +403,37 @@ async def _image(
         )
     except ValueError as e:
         raise APIError(400, f"{param}: {e}", param, "invalid_image") from None
+    return [image]
 
 
-def _data_url_bytes(url: str, param: str, limit: int) -> bytes:
+def _data_url_bytes(url: str, param: str, settings: ServeSettings) -> tuple[str, bytes]:
+    """A data: URL's type (lower case) and its decoded bytes, within the limit of its kind."""
     header, sep, payload = url[5:].partition(",")
     mime, *options = header.split(";")
     if not sep or "base64" not in options:
         raise APIError(
             400, "data: URL must be base64 encoded (data:<type>;base64,<data>)", param, "invalid_image_url"
         )
-    if mime.lower() not in DATA_URL_TYPES:
+    mime, kinds = mime.lower(), DATA_URL_TYPES + VOLUME_URL_TYPES
+    if mime not in kinds:
         raise APIError(
             400,
-            f"image type {mime!r} is not supported; use one of {', '.join(DATA_URL_TYPES)}",
+            f"image type {mime!r} is not supported; use one of {', '.join(kinds)}",
             param,
             "invalid_image_url",
         )
+    scan = mime in VOLUME_URL_TYPES
+    limit = settings.max_volume_bytes if scan else settings.max_image_bytes
     if len(payload) * 3 // 4 > limit:
+        what = "volume" if scan else "image"
         raise APIError(
             413,
-            f"image is about {len(payload) * 3 // 4} bytes, above the {limit}-byte limit",
+            f"{what} is about {len(payload) * 3 // 4} bytes, above the {limit}-byte limit",
             param,
-            "image_too_large",
+            "volume_too_large" if scan else "image_too_large",
         )
     try:
-        return base64.b64decode(payload, validate=True)
+        return mime, base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise APIError(400, "data: URL payload is not valid base64", param, "invalid_image_url") from None
 

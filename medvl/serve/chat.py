@@ -6,34 +6,48 @@ from pathlib import Path
 
 import typer
 
+from medvl.imaging.slabs import DEFAULT_VOLUME_TOKENS
+
 
 def chat(
     model: Path = typer.Option(..., help="Model folder."),
-    image: Path = typer.Option(None, help="Image file: PNG, JPEG or DICOM."),
+    image: Path = typer.Option(
+        None,
+        help="Image file (PNG, JPEG or DICOM) or a scan: NIfTI (.nii, .nii.gz), a DICOM series as a folder "
+        "or .zip (shown to the model as slabs, docs/3d.md).",
+    ),
     question: str = typer.Option(None, "--question", "-q", help="Ask once and exit; otherwise interactive."),
     max_new_tokens: int = typer.Option(256),
+    volume_tokens: int = typer.Option(
+        DEFAULT_VOLUME_TOKENS, help="Image tokens a scan may take: its number of slabs (docs/3d.md)."
+    ),
 ) -> None:
     """Ask a model about an image in the terminal (multi-turn; empty line or Ctrl-D quits)."""
     from rich.console import Console
     from transformers import AutoConfig
 
     from medvl import RESEARCH_ONLY
-    from medvl.imaging import read_image
+    from medvl.imaging import is_scan, read_image, scan_slabs
     from medvl.model.build import load, load_preprocessing
     from medvl.model.decode import Conversation, generate
 
-    img = None
+    images = []
     if image is not None:
         # Read before the weights load, so that a bad file fails at once, not after a large model has
         # loaded (a ValueError naming the file, which `medvl` prints as one line); at the model's input
         # size, as eval and serve read images. A folder without a config is `load`'s to report.
-        has_config = (model / "config.json").is_file()
-        size = AutoConfig.from_pretrained(model).vision_config.image_size if has_config else None
-        img = read_image(image, load_preprocessing(model), size=size)
+        config = AutoConfig.from_pretrained(model) if (model / "config.json").is_file() else None
+        if is_scan(image):
+            if config is None:
+                load(model)  # raises its own error
+            images = scan_slabs(image, config.image_seq_length, volume_tokens)
+        else:
+            size = config.vision_config.image_size if config is not None else None
+            images = [read_image(image, load_preprocessing(model), size=size)]
     vlm = load(model)
     console = Console()
     console.print(f"[dim]{RESEARCH_ONLY}[/dim]")
-    conv = Conversation([], [img] if img else [])
+    conv = Conversation([], images)
     first = True
     while True:
         if question is not None:
@@ -45,7 +59,7 @@ def chat(
                 break
             if not text:
                 break
-        content: list[dict] = [{"type": "image"}] if (first and img) else []
+        content: list[dict] = [{"type": "image"}] * len(images) if first else []
         content.append({"type": "text", "text": text})
         conv.messages.append({"role": "user", "content": content})
         first = False

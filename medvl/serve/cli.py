@@ -5,6 +5,8 @@ from pathlib import Path
 
 import typer
 
+from medvl.imaging.slabs import DEFAULT_VOLUME_TOKENS
+
 
 def serve(
     model: Path = typer.Option(..., help="Model folder."),
@@ -20,7 +22,13 @@ def serve(
     max_request_mb: float = typer.Option(32.0, help="Largest request body, in MiB (413 above)."),
     max_image_mb: float = typer.Option(16.0, help="Largest image, in MiB (413 above)."),
     max_image_pixels: int = typer.Option(40_000_000, help="Largest image in pixels (decompression bombs)."),
-    max_images: int = typer.Option(4, help="Most images in one request."),
+    max_images: int = typer.Option(4, help="Most images in one request (a scan counts as one)."),
+    max_volume_mb: float = typer.Option(
+        32.0, help="Largest scan (NIfTI or zipped DICOM series), in MiB, compressed and unpacked (413 above)."
+    ),
+    volume_tokens: int = typer.Option(
+        DEFAULT_VOLUME_TOKENS, help="Image tokens a scan may take: its number of slabs (docs/3d.md)."
+    ),
     body_timeout: float = typer.Option(
         30.0, min=0.1, help="Seconds to wait for the next piece of a request body (408 after)."
     ),
@@ -45,6 +53,8 @@ def serve(
         max_image_bytes=int(max_image_mb * 2**20),
         max_image_pixels=max_image_pixels,
         max_images=max_images,
+        max_volume_bytes=int(max_volume_mb * 2**20),
+        volume_tokens=volume_tokens,
         max_tokens=max_tokens,
         max_batch_size=max_batch_size,
         max_queue=max_queue,
