@@ -15,11 +15,13 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from conftest import SHARED_DATA
+from PIL import Image
 from test_serve import SETTINGS, assert_error_shape, build_tiny_model, client, data_url, png, post, running
 from typer.testing import CliRunner
 
 from medvl import RESEARCH_ONLY
-from medvl.imaging import DEFAULT_CT_SPEC, read_scan, scan_slabs, slab_count, slab_mode
+from medvl.imaging import DEFAULT_CT_SPEC, read_image, read_scan, scan_slabs, slab_count, slab_mode
 from medvl.model.build import load
 from medvl.model.decode import Conversation, generate
 
@@ -104,8 +106,6 @@ def test_scans_answer_as_in_process(server, vlm, phantom, source, mime, channels
 
 def test_scan_and_image_in_one_request(server, vlm, phantom):
     """A scan's part stands for its K slabs; a 2D image beside it stays one image."""
-    from PIL import Image
-
     image = Image.fromarray(np.full((32, 32, 3), 90, np.uint8))
     msg = scan_message(data_url(phantom.read_bytes(), "application/gzip"))
     msg[0]["content"].insert(1, {"type": "image_url", "image_url": {"url": data_url(png(image))}})
@@ -113,8 +113,6 @@ def test_scan_and_image_in_one_request(server, vlm, phantom):
     slabs = scan_slabs(phantom, 16, VOLUME.volume_tokens)
     size = vlm.model.config.vision_config.image_size
     content = [{"type": "image"}] * 5 + [{"type": "text", "text": QUESTION}]
-    from medvl.imaging import read_image
-
     images = [*slabs, read_image(png(image), vlm.preprocessing, size=size)]
     want = generate(vlm, [Conversation([{"role": "user", "content": content}], images)], max_new_tokens=4)[0]
     assert r.choices[0].message.content == want.text and r.usage.prompt_tokens == want.prompt_tokens
@@ -229,3 +227,21 @@ def test_chat_bad_scan_is_one_line(model_dir, phantom, tmp_path, name, make, say
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(lines) == 1, r.stderr
     assert str(path) in lines[0] and says in lines[0] and "Traceback" not in r.stderr + r.stdout
+
+
+def test_chat_reads_the_real_spleen_ct(model_dir, vlm):
+    """The abdominal CT of shared/data (HU, RAS on disk): read as CT by its air, its slabs in the three
+    windows, answered by `medvl chat` as in-process."""
+    from medvl.cli import app
+
+    path = SHARED_DATA / "spleen_ct" / "ct_scan" / "sub-spleen2" / "ct" / "sub-spleen2_ct.nii.gz"
+    if not path.is_file():
+        pytest.skip("shared data absent")
+    img, modality = read_scan(path)
+    assert modality == "CT" and img.GetSize() == tuple(nib.load(path).shape)
+    want, slabs = in_process(vlm, path, max_new_tokens=5)
+    assert len(slabs) == 4 and all(np.asarray(s).std() > 0 for s in slabs)
+    args = ["chat", "--model", str(model_dir), "--image", str(path), "-q", QUESTION, "--max-new-tokens", "5"]
+    result = CliRunner().invoke(app, [*args, "--volume-tokens", "64"])
+    assert result.exit_code == 0, result.output
+    assert f"medvl> {want.text}".strip() in result.output

@@ -20,7 +20,6 @@ existing 2D tower, given to a stock `LlavaForConditionalGeneration` as K images 
 
 from __future__ import annotations
 
-import gzip
 import io
 import tempfile
 import zipfile
@@ -53,6 +52,7 @@ MAX_SCAN_BYTES = 64 * 1024 * 1024  # a compressed upload
 MAX_SCAN_VOXELS = 1 << 26  # 67M voxels, e.g. 512 x 512 x 256: 256 MiB as float32 while it is resampled
 MAX_SERIES_FILES = 2048
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+HEAD = 1 << 16  # bytes read to recognise a file: a gzipped NIfTI header inflates from far fewer
 # A NIfTI file names no modality: it is read as CT when this share of its voxels is air in HU. MR and PET
 # magnitudes are not negative; an MR resampled with a sinc kernel (nibabel's SPM-normalised
 # anatomical.nii: min -610) rings below 0 at a few voxels only.
@@ -97,11 +97,9 @@ def volume_slabs(array: np.ndarray, k: int) -> list[Image.Image]:
 # ---------------------------------------------------------------- scans at inference
 
 
-def is_scan(source: str | Path | bytes) -> bool:
-    """Whether `source` is a volume for `read_scan` (a folder, a .zip, a NIfTI file, or such bytes)
-    rather than a 2D image for `read_image`."""
-    if isinstance(source, bytes):
-        return source[:2] == b"PK" or _nifti_bytes(source)
+def is_scan(source: str | Path) -> bool:
+    """Whether a path is a scan for `read_scan` (a folder, a .zip, a .nii or .nii.gz file) rather than a
+    2D image for `read_image`."""
     path = Path(source)
     return path.is_dir() or path.suffix.lower() == ".zip" or path.name.lower().endswith(NIFTI_SUFFIXES)
 
@@ -114,31 +112,39 @@ def read_scan(
     max_voxels: int = MAX_SCAN_VOXELS,
 ):
     """A NIfTI volume or a DICOM series (a folder, or a .zip of its files) -> (a scalar 3D SimpleITK
-    image, its modality: the series' Modality tag; for NIfTI, which has none, "CT" when at least 1% of
-    its voxels lie below -500, i.e. air in HU (around and inside every CT body), else ""). Refused with InputError: anything else, above
-    `max_bytes` (the file, or the zip's unpacked files) or `max_voxels`, and whatever `read_volume` and
-    `read_dicom_series` refuse (truncated gzip, NaN, 4D, missing or duplicated slices)."""
+    image, its modality: the series' Modality tag; for NIfTI, which names none, "CT" when at least 1% of
+    its voxels lie below -500, air in HU, around and inside every CT body; else ""). Refused with
+    InputError: anything else, above `max_bytes` (the file, or the zip's files unpacked) or
+    `max_voxels`, and whatever `read_volume` and `read_dicom_series` refuse (truncated gzip, NaN, 4D,
+    missing or duplicated slices)."""
+    import SimpleITK as sitk
+
     name = name or ("<bytes>" if isinstance(source, bytes) else str(source))
-    if not isinstance(source, bytes) and Path(source).is_dir():
-        files = [p for p in Path(source).iterdir() if p.is_file()]
+    path = None if isinstance(source, bytes) else Path(source)
+    if path is not None and path.is_dir():
+        files = [p for p in path.iterdir() if p.is_file()]
         _check_series_files(len(files), sum(p.stat().st_size for p in files), name, max_bytes)
-        return _series(Path(source), name, max_voxels)
+        return _series(path, name, max_voxels)
     check_size(source, name, max_bytes)
-    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    data = (lambda: source) if path is None else path.read_bytes  # a file read whole only when needed
+    if path is None:
+        head = source[:HEAD]
+    else:
+        with open(path, "rb") as f:
+            head = f.read(HEAD)
     with tempfile.TemporaryDirectory(prefix="medvl-scan-") as tmp:
-        if data[:2] == b"PK":
-            _unzip(data, Path(tmp), name, max_bytes)
+        if head[:2] == b"PK":
+            _unzip(data(), Path(tmp), name, max_bytes)
             return _series(Path(tmp), name, max_voxels)
-        if not _nifti_bytes(data):
+        if not _nifti_head(head):
             raise InputError(name, "image", "not a NIfTI volume (.nii, .nii.gz) or a zipped DICOM series")
-        path = Path(tmp) / ("scan.nii.gz" if data[:2] == b"\x1f\x8b" else "scan.nii")
-        path.write_bytes(data)
+        if path is None or not path.name.lower().endswith(NIFTI_SUFFIXES):  # SimpleITK goes by the name
+            path = Path(tmp) / ("scan.nii.gz" if head[:2] == b"\x1f\x8b" else "scan.nii")
+            path.write_bytes(data())
         _check_nifti_shape(path, name, max_voxels)
         img = read_volume(path, name)
-        import SimpleITK as sitk
-
-        air = float((sitk.GetArrayViewFromImage(img) < AIR_HU).mean())
-        return img, "CT" if air >= AIR_SHARE else ""
+    air = float((sitk.GetArrayViewFromImage(img) < AIR_HU).mean())
+    return img, "CT" if air >= AIR_SHARE else ""
 
 
 def default_volume_spec(modality: str) -> VolumeSpec:
@@ -162,13 +168,13 @@ def scan_slabs(
     return volume_slabs(array, slab_count(array.shape[1], tokens_per_image, budget))
 
 
-def _nifti_bytes(data: bytes) -> bool:
-    """NIfTI-1 ("n+1"/"ni1" at byte 344) or NIfTI-2 ("n+2"/"ni2" at byte 4), gzipped or not."""
-    head = data[:600]
+def _nifti_head(head: bytes) -> bool:
+    """The first `HEAD` bytes of a file: NIfTI-1 ("n+1"/"ni1" at byte 344) or NIfTI-2 ("n+2"/"ni2" at
+    byte 4), gzipped or not."""
     if head[:2] == b"\x1f\x8b":
         try:
-            head = gzip.GzipFile(fileobj=io.BytesIO(data)).read(600)
-        except (OSError, EOFError):  # a stream broken within its header: not recognisably NIfTI
+            head = zlib.decompressobj(wbits=31).decompress(head, 600)
+        except zlib.error:  # a stream broken within its header: not recognisably NIfTI
             return False
     return head[344:347] in (b"n+1", b"ni1") or head[4:7] in (b"n+2", b"ni2")
 
