@@ -3,6 +3,11 @@
 Every loader says in its docstring where the data comes from and raises :class:`BenchmarkError`
 naming the file, the column and the problem when something is missing. Images are kept as their
 source (a path or base64 text) and decoded only when a batch needs them.
+
+3D benchmarks (synth3d, m3d-vqa, ct-rate-vqa) ask about a volume (`Item.volume`), shown to the model as
+the slabs of the slices route (:func:`volume_images`). A question whose volume is missing or unreadable
+is skipped, never fatal: the loader counts it by reason in the `notes` list it is given, which the run's
+report carries.
 """
 
 from __future__ import annotations
@@ -13,14 +18,25 @@ import csv
 import io
 import json
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from PIL import Image
 
-from medvl.imaging import DEFAULT_PREPROCESSING, Preprocessing, read_image
+from medvl.imaging import (
+    DEFAULT_PREPROCESSING,
+    DEFAULT_VOLUME_TOKENS,
+    Preprocessing,
+    is_scan,
+    read_image,
+    scan_slabs,
+    slab_count,
+    volume_slabs,
+)
 from medvl.prompts import OPTION_LETTERS as LETTERS
 from medvl.prompts import build_prompt
 
@@ -34,6 +50,9 @@ MMMU_HEALTH_SUBJECTS = (
     "Pharmacy",
     "Public_Health",
 )
+# Image tokens per slab for an answerer that does not say (an API model): LLaVA-1.5's 576 (a 336 px
+# CLIP ViT-L/14), which makes a 32-slice volume 7 slabs at the default volume budget.
+DEFAULT_TOKENS_PER_IMAGE = 576
 
 
 class BenchmarkError(ValueError):
@@ -49,6 +68,7 @@ class Item:
     images: list[str | Path] = field(default_factory=list)  # paths or base64 text
     options: dict[str, str] = field(default_factory=dict)
     groups: dict[str, str] = field(default_factory=dict)  # breakdown name -> value
+    volume: Path | None = None  # a 3D question's volume, shown as slabs in place of `images`
 
     def prompt(self) -> str:
         return build_prompt(self.question, self.options)
@@ -56,6 +76,7 @@ class Item:
     def load_images(
         self, size: int | None = None, preprocessing: Preprocessing = DEFAULT_PREPROCESSING
     ) -> list[Image.Image]:
+        """The 2D images (a volume question's slabs depend on the model: :func:`volume_images`)."""
         return [
             read_image(s if isinstance(s, Path) else base64.b64decode(s), preprocessing, size=size)
             for s in self.images
@@ -138,10 +159,13 @@ def load_tsv(
     groups: dict[str, tuple[str, ...]],
     *,
     keep: Callable[[dict], bool] = lambda row: True,
+    skipped: Counter | None = None,
 ) -> list[Item]:
     """A VLMEvalKit multiple-choice TSV: `index`, `image` (base64), `question`, `A`..`E`, `answer`
     (a letter; absent or empty in a test split), plus category columns. `groups` maps each breakdown
-    to the column names it may have (the first one present is used)."""
+    to the column names it may have (the first one present is used). With `skipped` (a 3D benchmark),
+    `image` names a volume file relative to the TSV's folder instead (:func:`find_volume`): a question
+    whose volume is missing or unreadable is left out and counted in `skipped` by reason."""
     rows = _read_tsv(path)
     by_index = {r.get("index", ""): r.get("image", "") for r in rows}
     column = list(rows[0]).index("image") + 1 if "image" in rows[0] else 0
@@ -162,15 +186,23 @@ def load_tsv(
             if col is None:
                 raise BenchmarkError(f"{where}: missing column {' or '.join(map(repr, columns))} ({name})")
             found[name] = _cell(row[col])
+        images, volume = [], None
+        if skipped is None:
+            images = _tsv_images(row, by_index, f"{where}, column {column} (image)")
+        else:
+            volume = find_volume(_need(row, "image", where), [path.parent], skipped)
+            if volume is None:
+                continue
         items.append(
             Item(
                 id=_need(row, "index", where),
                 question=_need(row, "question", where),
                 kind="mc",
                 answer=answer,
-                images=_tsv_images(row, by_index, f"{where}, column {column} (image)"),
+                images=images,
                 options=options,
                 groups=found,
+                volume=volume,
             )
         )
     return items
@@ -405,6 +437,263 @@ def load_pmc_vqa(path: Path, **_) -> list[Item]:
     return items
 
 
+# ---------------------------------------------------------------- 3D: volumes as questions' input
+
+VOLUME_NPY = ".npy"
+
+
+def volume_images(
+    path: Path, tokens_per_image: int = DEFAULT_TOKENS_PER_IMAGE, budget: int = DEFAULT_VOLUME_TOKENS
+) -> list[Image.Image]:
+    """A question's volume -> the slabs of the slices route (docs/3d.md): K = `slab_count` for the
+    answerer's image tokens per slab and the volume budget. A stored array (.npy, :func:`stored_volume`)
+    is cut as it is, as training cuts curated volumes; a scan (NIfTI, a DICOM series as a folder or
+    .zip) is read and preprocessed by the default spec for its modality, as chat and the server do
+    (`medvl.imaging.scan_slabs`)."""
+    if path.suffix.lower() == VOLUME_NPY:
+        array = stored_volume(path)
+        return volume_slabs(array, slab_count(array.shape[1], tokens_per_image, budget))
+    return scan_slabs(path, tokens_per_image, budget)
+
+
+def stored_volume(path: Path) -> np.ndarray:
+    """A volume stored as .npy -> uint8 [C, S, P, L]: medvl's own (curation's `volumes/<sha256>.npy`,
+    the synthetic 3D benchmark's) as it is; M3D-Data's (floats in 0-1, [1, 32, 256, 256] = C, D, H, W)
+    scaled to 0-255. A 3D array gets one channel."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise BenchmarkError(f"{path}: not a readable .npy array ({type(e).__name__})") from None
+    problem = _array_problem(array.shape, array.dtype)
+    if problem:
+        raise BenchmarkError(f"{path}: {problem}")
+    array = array if array.ndim == 4 else array[None]
+    if array.dtype == np.uint8:
+        return array
+    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+        raise BenchmarkError(f"{path}: a float volume must hold values in 0-1 (M3D-Data's normalisation)")
+    return np.rint(array * 255).astype(np.uint8)
+
+
+def _array_problem(shape: tuple[int, ...], dtype: np.dtype) -> str | None:
+    if len(shape) not in (3, 4) or min(shape, default=0) < 1:
+        return f"expected a [S, P, L] or [C, S, P, L] volume, got {list(shape)}"
+    if dtype != np.uint8 and not np.issubdtype(dtype, np.floating):
+        return f"expected uint8 or float voxels, got {dtype}"
+    return None
+
+
+def find_volume(name: str, roots: list[Path], skipped: Counter) -> Path | None:
+    """The volume file `name` under the first of `roots` holding it, its .npy header checked (scans are
+    read, with all their checks, when asked); None, with the reason counted in `skipped`, when it is
+    missing or not a volume."""
+    path = next((root / name for root in roots if name and (root / name).exists()), None)
+    if path is None:
+        skipped["volume file not found"] += 1
+        return None
+    if path.suffix.lower() == VOLUME_NPY:
+        try:
+            header = np.load(path, mmap_mode="r", allow_pickle=False)
+            problem = _array_problem(header.shape, header.dtype)
+        except (OSError, ValueError, EOFError):
+            problem = "not a readable .npy array"
+        if problem:
+            skipped[f"unreadable volume ({problem})"] += 1
+            return None
+        return path
+    if not is_scan(path):
+        skipped["not a volume (.npy, .nii, .nii.gz, a DICOM series folder or .zip)"] += 1
+        return None
+    return path
+
+
+def skip_notes(path: Path, items: list[Item], skipped: Counter, notes: list[str] | None) -> list[Item]:
+    """Append one note per reason questions were skipped to `notes` (the run's report shows them);
+    refuse a benchmark none of whose questions is left."""
+    total = len(items) + sum(skipped.values())
+    lines = [f"{n} of {total} questions skipped: {why}" for why, n in skipped.items()]
+    if not items:
+        raise BenchmarkError(f"{path}: no question left to ask ({'; '.join(lines) or 'no questions'})")
+    if notes is not None:
+        notes.extend(lines)
+    return items
+
+
+def load_synth3d(path: Path, *, notes: list[str] | None = None, **_) -> list[Item]:
+    """The synthetic 3D multiple-choice benchmark (`medvl.synth.benchmark3d.build_synth3d`), or any TSV in
+    VLMEvalKit's layout whose `image` column names a volume file (relative to the TSV's folder: a stored
+    .npy array, a NIfTI file, a DICOM series folder or .zip), broken down by `category`. Questions whose
+    volume is missing or unreadable are skipped and counted (`notes`)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "synth3d.tsv"
+    skipped: Counter = Counter()
+    items = load_tsv(path, {"category": ("category",)}, skipped=skipped)
+    return skip_notes(path, items, skipped, notes)
+
+
+# M3D-VQA's `Question Type` (BAAI-DCAI/M3D, Data/process/m3d_vqa_data_generation.py: the five aspects
+# its questions were generated for, numbered in the order of the prompt).
+M3D_QUESTION_TYPES = {"1": "Plane", "2": "Phase", "3": "Organ", "4": "Abnormality", "5": "Location"}
+M3D_COLUMNS = ("Image Path", "Question", "Choice A", "Choice B", "Choice C", "Choice D", "Answer Choice")
+
+
+def load_m3d_vqa(path: Path, *, split: str = "test", notes: list[str] | None = None, **_) -> list[Item]:
+    """M3D-VQA (Bai et al. 2024, GoodBaiBai88/M3D-VQA on Hugging Face; github BAAI-DCAI/M3D): the
+    closed-ended (multiple-choice) questions of `M3D_VQA_<split>.csv` (the file, or the folder holding
+    it), columns `Image Path, Text, Question Type, Question, Choice A..D, Answer, Answer Choice`.
+    `Image Path` is relative to M3D's data root, the CSV's folder or its parent (M3D keeps the CSV in
+    `Data/data/M3D-VQA/` and the volumes under `Data/data/`): 1 x 32 x 256 x 256 arrays in 0-1, shown as
+    slabs of adjacent slices. Choices M3D filled with 'NA' are left out. Rows whose volume is missing
+    are skipped and counted (`notes`); breakdown by question type (Plane, Phase, Organ, Abnormality,
+    Location)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / f"M3D_VQA_{split}.csv"
+    with _existing(path, "M3D-VQA CSV").open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise BenchmarkError(f"{path}: no rows")
+    roots = [path.parent, path.parent.parent]
+    skipped: Counter = Counter()
+    items = []
+    for n, row in enumerate(rows, start=2):
+        where = f"{path} line {n}"
+        for col in M3D_COLUMNS:
+            _need(row, col, where)
+        letter = _cell(row["Answer Choice"]).upper()
+        options = {k: _cell(row[f"Choice {k}"]) for k in "ABCD"}
+        options = {k: v for k, v in options.items() if v and (v.upper() != "NA" or k == letter)}
+        if letter not in options:
+            letter = next((k for k, v in options.items() if v == _cell(row.get("Answer"))), "")
+        if not letter:
+            raise BenchmarkError(f"{where}: Answer Choice {row['Answer Choice']!r} names no choice")
+        volume = find_volume(_cell(row["Image Path"]), roots, skipped)
+        if volume is None:
+            continue
+        kind = _cell(row.get("Question Type"))
+        items.append(
+            Item(
+                id=str(n - 2),
+                question=_need(row, "Question", where).strip(),
+                kind="mc",
+                answer=letter,
+                options=options,
+                groups={"question type": M3D_QUESTION_TYPES.get(kind, kind)},
+                volume=volume,
+            )
+        )
+    return skip_notes(path, items, skipped, notes)
+
+
+def ct_rate_volume_path(name: str, roots: list[Path]) -> Path | None:
+    """CT-RATE keeps `valid_1_a_1.nii.gz` at `valid/valid_1/valid_1_a/valid_1_a_1.nii.gz` under its
+    dataset folder; a flat copy is found too."""
+    parts = name.split("_")
+    nested = Path(parts[0], "_".join(parts[:2]), "_".join(parts[:3]), name) if len(parts) >= 4 else None
+    for root in roots:
+        for candidate in (root / name, root / nested if nested else None):
+            if candidate is not None and candidate.is_file():
+                return candidate
+    return None
+
+
+# CT-CHAT's task tokens closing a question (a VQA item's `id` starts with its task, e.g. multiple_choice_0).
+CT_RATE_TASKS = ("multiple_choice", "short_answer", "long_answer", "report_generation")
+_CT_RATE_TOKEN = re.compile(r"<(multiple_choice|short_answer|long_answer|report_generation)>")
+_CT_RATE_CHOICE = re.compile(r"\(([a-dA-D])\)")
+
+
+def _ct_rate_task(item_id: str, turn: dict) -> str:
+    if turn.get("type"):
+        return str(turn["type"])
+    token = _CT_RATE_TOKEN.search(str(turn.get("value", "")))
+    if token:
+        return token.group(1)
+    return next((t for t in CT_RATE_TASKS if item_id.startswith(t)), "unknown")
+
+
+def _ct_rate_question(text: str, task: str, where: str) -> tuple[str, dict[str, str]]:
+    """A human turn -> (question, options): `<image>` and the task token removed; a multiple-choice
+    turn's `(a) ... (d) ...` choices split off."""
+    text = _CT_RATE_TOKEN.sub("", text.replace("<image>", "")).strip()
+    if task != "multiple_choice":
+        return text, {}
+    parts = _CT_RATE_CHOICE.split(text)  # [question, "a", choice, "b", choice, ...]
+    options = {parts[i].upper(): parts[i + 1].strip() for i in range(1, len(parts) - 1, 2)}
+    if len(options) < 2:
+        raise BenchmarkError(f"{where}: a multiple-choice question without (a)..(d) choices")
+    return parts[0].strip(), options
+
+
+def load_ct_rate_vqa(path: Path, *, notes: list[str] | None = None, **_) -> list[Item]:
+    """CT-RATE's VQA set (Hamamci et al. 2024, the CT-CHAT data in Hugging Face `ibrahimhamamci/CT-RATE`;
+    github ibrahimethemhamamci/CT-CHAT): a JSON list (`valid_vqa.json`, or the file named) of
+    `{"id": "<task>_<n>", "image": "valid_1_a_1.nii.gz", "conversations": [{"from": "human", "value":
+    "<image>\\n...", "type": ...}, {"from": "gpt", "value": ...}, ...]}`. Each human/gpt pair is one
+    question about the volume: multiple choice (`(a) ... (d) ... <multiple_choice>`, answered `(b) ...`)
+    scored as options; short answers as closed (yes/no) or open questions. Long answers and report
+    generation are skipped and counted (reports: `--bench ct-rate`). Volumes are found as for the report
+    task (the JSON's folder, its parent or `volumes/`, flat or at CT-RATE's nested path); questions of a
+    missing volume are skipped and counted (`notes`)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "valid_vqa.json"
+    try:
+        entries = json.loads(_existing(path, "CT-RATE VQA JSON").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise BenchmarkError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(entries, list):
+        raise BenchmarkError(f"{path}: expected a JSON list of VQA entries")
+    roots = [path.parent, path.parent.parent, path.parent / "volumes"]
+    skipped: Counter = Counter()
+    items = []
+    for n, entry in enumerate(entries):
+        where = f"{path} entry {n}"
+        entry_id = str(entry.get("id", n))
+        turns = entry.get("conversations")
+        if not isinstance(turns, list):
+            raise BenchmarkError(f"{where}: missing field 'conversations' (a list of turns)")
+        name = _need(entry, "image", where).strip()
+        volume = ct_rate_volume_path(name, roots)
+        for t in range(0, len(turns) - 1, 2):
+            human, gpt = turns[t], turns[t + 1]
+            task = _ct_rate_task(entry_id, human)
+            if task not in ("multiple_choice", "short_answer"):
+                skipped[f"{task} (not scored as VQA)"] += 1
+                continue
+            if volume is None:
+                skipped["volume file not found"] += 1
+                continue
+            turn_where = f"{where} turn {t}"
+            question, options = _ct_rate_question(_need(human, "value", turn_where), task, turn_where)
+            reply = _need(gpt, "value", turn_where).strip()
+            if options:
+                letter = _CT_RATE_CHOICE.match(reply)
+                answer = (
+                    letter.group(1).upper()
+                    if letter
+                    else next((k for k, v in options.items() if v.lower() == reply.lower()), "")
+                )
+                if answer not in options:
+                    raise BenchmarkError(f"{turn_where}: answer {reply[:60]!r} names no choice")
+                kind: Kind = "mc"
+            else:
+                answer, kind = reply, "closed" if reply.lower().rstrip(".") in ("yes", "no") else "open"
+            items.append(
+                Item(
+                    id=f"{entry_id}-{t // 2}",
+                    question=question,
+                    kind=kind,
+                    answer=answer,
+                    options=options,
+                    groups={"question type": task},
+                    volume=volume,
+                )
+            )
+    return skip_notes(path, items, skipped, notes)
+
+
 LOADERS: dict[str, Callable[..., list[Item]]] = {
     "mc": load_mc,
     "gmai-mmbench": load_gmai_mmbench,
@@ -414,6 +703,9 @@ LOADERS: dict[str, Callable[..., list[Item]]] = {
     "slake": load_slake,
     "pathvqa": load_pathvqa,
     "pmc-vqa": load_pmc_vqa,
+    "synth3d": load_synth3d,
+    "m3d-vqa": load_m3d_vqa,
+    "ct-rate-vqa": load_ct_rate_vqa,
 }
 
 

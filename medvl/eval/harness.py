@@ -30,10 +30,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import medvl
 from medvl.eval.baselines import build_prior
-from medvl.eval.benchmarks import BenchmarkError, Item, default_train_split, load_benchmark
+from medvl.eval.benchmarks import (
+    DEFAULT_TOKENS_PER_IMAGE,
+    BenchmarkError,
+    Item,
+    default_train_split,
+    load_benchmark,
+    volume_images,
+)
 from medvl.eval.report import PRIMARY_BREAKDOWN, build_report, write_report
 from medvl.eval.scoring import judge_unresolved, read_predictions
-from medvl.imaging import DEFAULT_PREPROCESSING, Preprocessing
+from medvl.imaging import DEFAULT_PREPROCESSING, DEFAULT_VOLUME_TOKENS, Preprocessing
 from medvl.jobs import ENGINES, Step, run
 from medvl.llm import LLMClient, LLMError, image_data_url
 from medvl.prompts import MC_INSTRUCTION, SHORT_INSTRUCTION
@@ -50,6 +57,9 @@ PRIOR_FILE = "prior.json"
 class Answerer(Protocol):
     name: str
     image_size: int | None  # images are read at this size (medvl.imaging.read_image), None: as they are
+    # Image tokens of one slab: with the volume budget, how many slabs a volume is shown as (an answerer
+    # without it: DEFAULT_TOKENS_PER_IMAGE).
+    tokens_per_image: int
 
     def answer(self, prompts: list[tuple[str, list[Image.Image]]], max_new_tokens: int) -> list[str]: ...
 
@@ -60,6 +70,7 @@ class LocalModel:
     def __init__(self, vlm, name: str) -> None:
         self.vlm, self.name = vlm, name
         self.image_size = vlm.model.config.vision_config.image_size  # as in training
+        self.tokens_per_image = vlm.model.config.image_seq_length
         self.preprocessing = vlm.preprocessing  # DICOM files are read as the checkpoint says
 
     def answer(self, prompts: list[tuple[str, list[Image.Image]]], max_new_tokens: int) -> list[str]:
@@ -91,6 +102,7 @@ class APIModel:
         self.client = LLMClient(base_url, api_key=api_key, **client_options)
         self.model, self.name = model, f"{model} @ {base_url}"
         self.image_size = None  # the server reads the images it is sent at its model's size
+        self.tokens_per_image = DEFAULT_TOKENS_PER_IMAGE  # unknown here: a volume is sent as 7 slabs of 32
         self._args = (base_url, model, api_key, client_options)
 
     def with_options(self, **client_options) -> APIModel:
@@ -153,9 +165,17 @@ def _image_source(n: int, variant: str) -> list[int]:
 
 
 def _images(
-    item: Item, variant: str, size: int | None, preprocessing: Preprocessing = DEFAULT_PREPROCESSING
+    item: Item,
+    variant: str,
+    size: int | None,
+    preprocessing: Preprocessing = DEFAULT_PREPROCESSING,
+    tokens_per_image: int = DEFAULT_TOKENS_PER_IMAGE,
+    volume_tokens: int = DEFAULT_VOLUME_TOKENS,
 ) -> list[Image.Image]:
-    images = item.load_images(size, preprocessing)
+    if item.volume is not None:
+        images = volume_images(item.volume, tokens_per_image, volume_tokens)
+    else:
+        images = item.load_images(size, preprocessing)
     return [Image.new("RGB", im.size) for im in images] if variant == "blank" else images
 
 
@@ -189,10 +209,11 @@ class AnswerStep(Step):
         max_new_tokens: int,
         config: dict,
         workers: int,
+        volume_tokens: int = DEFAULT_VOLUME_TOKENS,
     ) -> None:
         self.model, self.bench, self.variant = model, bench, variant
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
-        self._config, self.workers = config, workers
+        self._config, self.workers, self.volume_tokens = config, workers, volume_tokens
         self.answerer: Answerer | None = None
 
     def schema(self):
@@ -215,12 +236,16 @@ class AnswerStep(Step):
         answerer = self.answerer
         assert answerer is not None
         preprocessing = getattr(answerer, "preprocessing", DEFAULT_PREPROCESSING)
+        slab_tokens = getattr(answerer, "tokens_per_image", DEFAULT_TOKENS_PER_IMAGE)
         pairs: list[tuple[Item, Item]] = chunk["questions"]  # (question, item whose images it is shown)
         step = len(pairs) if isinstance(answerer, APIModel) else self.batch_size
         for start in range(0, len(pairs), step):
             batch = pairs[start : start + step]
             size = answerer.image_size
-            prompts = [(q.prompt(), _images(src, self.variant, size, preprocessing)) for q, src in batch]
+            prompts = [
+                (q.prompt(), _images(src, self.variant, size, preprocessing, slab_tokens, self.volume_tokens))
+                for q, src in batch
+            ]
             texts = answerer.answer(prompts, self.max_new_tokens)
             for (q, _), text in zip(batch, texts, strict=True):
                 row = _prediction_row(q, self.bench, self.variant, text)
@@ -242,13 +267,15 @@ def predict(
     workers: int = 1,
     engine: str = "local",
     progress: bool = True,
+    volume_tokens: int = DEFAULT_VOLUME_TOKENS,
 ) -> list[dict]:
     """Answer the first `limit` of `items` (all by default) as a resumable job in
     `<path's folder>/jobs/<variant>/`, write their rows in order to `path`, and return them.
 
     `items` is the whole benchmark: chunks are cut over it, so a run with a larger `limit` (or none)
     continues a smaller one. `config` (JSON-able: the model, benchmark and settings) is the job's
-    fingerprint with the chunk size and decoding added; a folder made under another one is refused."""
+    fingerprint with the chunk size and decoding added; a folder made under another one is refused.
+    A question about a volume is shown its slabs, as many as `volume_tokens` pay for."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; one of {', '.join(ENGINES)}")
     if chunk < 1 or workers < 1:
@@ -266,7 +293,9 @@ def predict(
     # The chunk size names the job's items, so it is part of the fingerprint; the batch size is not
     # (a re-run with another one keeps what is committed and batches the rest its own way).
     fingerprint = config | {"chunk": chunk, "variant": variant, "max_new_tokens": max_new_tokens}
-    step = AnswerStep(model, bench, variant, batch_size, max_new_tokens, fingerprint, workers)
+    if any(it.volume is not None for it in items):  # the budget sets what a volume question is shown
+        fingerprint["volume_tokens"] = volume_tokens
+    step = AnswerStep(model, bench, variant, batch_size, max_new_tokens, fingerprint, workers, volume_tokens)
     label = TextColumn(f"{bench} ({variant}, chunks of {chunk})")
     columns = (label, BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     job = path.parent / "jobs" / variant
@@ -356,16 +385,20 @@ def evaluate(
     engine: str = "local",
     chunk: int = DEFAULT_CHUNK,
     progress: bool = True,
+    volume_tokens: int = DEFAULT_VOLUME_TOKENS,
 ) -> dict:
     """Evaluate `model` (a folder, a VLM, or an :class:`APIModel`) on benchmark `bench` read from
     `data`; writes predictions and the report (JSON, Markdown, plot) to `out` and returns the report.
     `limit` keeps the first N questions; `image_check` re-runs with blank and shuffled images;
     `judge` = (LLMClient, model name) resolves answers exact matching cannot; `train_split` (a file
     of the benchmark's format; SLAKE's train.json is found by itself) gives the majority and
-    question-only baselines; `workers`/`engine`/`chunk` shard the run (module docstring)."""
+    question-only baselines; `workers`/`engine`/`chunk` shard the run (module docstring); `volume_tokens`
+    is the image tokens a volume question's slabs may take. Questions the loader skipped (a 3D
+    benchmark's missing volumes) are counted in the report's `run.notes`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    items = load_benchmark(bench, Path(data), split=split, lang=lang)
+    notes: list[str] = []
+    items = load_benchmark(bench, Path(data), split=split, lang=lang, notes=notes)
     wanted = items[:limit]
     prior = load_prior(bench, Path(data), split, lang, train_split, wanted)
     run_info = {
@@ -386,6 +419,10 @@ def evaluate(
         "medvl_version": medvl.__version__,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if notes:
+        run_info["notes"] = notes
+    if any(it.volume is not None for it in items):
+        run_info["volume_tokens"] = volume_tokens
     (out / "run.json").write_text(json.dumps(run_info, indent=2, ensure_ascii=False))
     prior_file = out / PRIOR_FILE
     if prior is not None:
@@ -404,6 +441,7 @@ def evaluate(
         workers=workers,
         engine=engine,
         progress=progress,
+        volume_tokens=volume_tokens,
     )
     predict(answerer, items, prediction_path(out), **kwargs)
     if image_check:

@@ -24,7 +24,7 @@ from pathlib import Path
 from PIL import Image
 
 from medvl.errors import InputError
-from medvl.eval.benchmarks import BenchmarkError, Item
+from medvl.eval.benchmarks import BenchmarkError, Item, ct_rate_volume_path
 from medvl.imaging import DEFAULT_PREPROCESSING, Preprocessing
 from medvl.prompts import IMAGE_TOKEN
 
@@ -376,18 +376,6 @@ def volume_reader_missing() -> str | None:
     return f"medvl.imaging has no {', '.join(missing)}" if missing else None
 
 
-def _ct_rate_volume(name: str, roots: list[Path]) -> Path | None:
-    """CT-RATE keeps `valid_1_a_1.nii.gz` at `valid/valid_1/valid_1_a/valid_1_a_1.nii.gz` under its
-    dataset folder; a flat copy beside the CSV is found too."""
-    parts = name.split("_")
-    nested = Path(parts[0], "_".join(parts[:2]), "_".join(parts[:3]), name) if len(parts) >= 4 else None
-    for root in roots:
-        for candidate in (root / name, root / nested if nested else None):
-            if candidate is not None and candidate.is_file():
-                return candidate
-    return None
-
-
 def _load_ct_rate_csv(csv_path: Path, skipped: Counter, readable: bool) -> list[Report]:
     _need_columns(csv_path, CT_RATE_COLUMNS)
     # CT-RATE publishes train and validation reports; its validation set is the one evaluated on.
@@ -399,7 +387,7 @@ def _load_ct_rate_csv(csv_path: Path, skipped: Counter, readable: bool) -> list[
         if not readable:
             skipped["no volume reader"] += 1
             continue
-        volume = _ct_rate_volume(name, roots)
+        volume = ct_rate_volume_path(name, roots)
         if volume is None:
             skipped["volume file not found"] += 1
             continue

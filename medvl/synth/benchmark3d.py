@@ -1,0 +1,303 @@
+"""The synthetic 3D multiple-choice benchmark (`medvl eval --bench synth3d`): questions about labelled CT
+phantoms, each answered from a whole volume through the slices route.
+
+Each case is a phantom (:mod:`medvl.synth.phantom`) made into the array curation stores for it: the
+synthetic-3d card's `VolumeSpec` (:data:`SPEC`) applied to the image and its label volume, written as
+`volumes/<sha256>.npy` (uint8 [C, S, P, L], LPS) beside the TSV. Every gold answer is computed here from
+the label volume **on the stored grid** (after the same crop, resampling and padding as the image), never
+from a text:
+
+- **organ**: one organ with at least :data:`MIN_VOXELS` voxels in the volume; the three distractors
+  have none.
+- **lesion presence**: the lesion label has at least :data:`MIN_VOXELS` voxels (yes) or none (no); a
+  volume with a few voxels only is asked nothing about lesions.
+- **lesion side**: the mean column of the lesion's voxels against the volume's middle column (the
+  foreground crop centres the body); LPS columns run from the patient's right to the left. Not asked
+  within :data:`SIDE_MARGIN` columns of the middle.
+- **lesion slice range**: the third of the volume's slices (lower = inferior, middle, upper = superior)
+  holding the mean slice of the lesion's voxels; not asked within :data:`THIRD_MARGIN` of a boundary.
+- **lesion size**: the diameter of the sphere of the lesion's volume (voxels x voxel volume in mm^3):
+  small, medium or large (:data:`SIZE_BOUNDS_MM`); not asked within :data:`SIZE_MARGIN_MM` of a boundary.
+- **plane**: the volume turned so that its slabs are axial, coronal or sagittal sections
+  (:func:`reformat`); the gold is the plane it was turned to.
+
+Lesions are placed by the builder (the third of the slices, the side, the size grade drawn evenly) so that
+every answer occurs, but the gold is what the label volume then says. The TSV has VLMEvalKit's columns
+(`index, image, question, A-D, answer, category`) where `image` names the volume file, plus `case` and
+`evidence` (the measured value behind the gold answer).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from medvl.imaging import VolumeSpec, content_hash
+from medvl.jobs import atomic_write
+from medvl.prompts import OPTION_LETTERS
+from medvl.synth.phantom import LABELS, LESION_KINDS, LESION_LABEL, Phantom, make_phantom
+
+# configs/cards/synthetic-3d.yaml's `options.volume` (a test keeps them equal): what curation stores.
+SPEC = VolumeSpec(
+    spacing=(5.0, 6.25, 6.25), size=(32, 64, 64), windows=("abdomen", "lung", "bone"), crop_foreground=True
+)
+REGIONS = ("chest", "abdomen", "head")
+KINDS = ("organ", "lesion presence", "lesion side", "lesion slice range", "lesion size", "plane")
+# Organs asked about: every label but bone (in every phantom) and the lesion.
+ORGANS = tuple(name for i, name in sorted(LABELS.items()) if name != "bone" and i != LESION_LABEL)
+MIN_VOXELS = 4  # a structure counts as present from 4 voxels of the stored grid (0.8 mL at 5 x 6.25^2 mm)
+SIDE_MARGIN = 2.0  # columns (12.5 mm): the body's centre may lie ~1 column off the array's middle
+THIRD_MARGIN = 0.1  # of a third (~1 slice of 32)
+# Size grades by the equivalent-sphere diameter (mm): small below 22, medium 22-36, large from 36.
+SIZE_BOUNDS_MM = (22.0, 36.0)
+SIZES = ("small (under 22 mm)", "medium (22-36 mm)", "large (36 mm or more)")
+SIZE_MARGIN_MM = 2.0
+# Lesion diameters (mm) the builder draws for each grade, well inside it after resampling.
+_DRAW_DIAMETER_MM = ((14.0, 18.0), (26.0, 31.0), (40.0, 46.0))
+_HOST = {"chest": 1, "abdomen": 4, "head": 8}  # the organ a lesion grows in: lung, liver, brain
+THIRDS = ("lower third (inferior)", "middle third", "upper third (superior)")
+SIDES = ("patient's right", "patient's left")
+PLANES = ("axial", "coronal", "sagittal")
+QUESTIONS = {
+    "organ": "Which of these organs is in this volume?",
+    "lesion presence": "Is there a lesion in this volume?",
+    "lesion side": "On which side of the patient is the lesion?",
+    "lesion slice range": "In which part of the volume's slices is the centre of the lesion?",
+    "lesion size": "How large is the lesion?",
+    "plane": "In which anatomical plane are these sections?",
+}
+COLUMNS = ("index", "image", "question", "A", "B", "C", "D", "answer", "category", "case", "evidence")
+
+
+def reformat(array: np.ndarray, plane: str) -> np.ndarray:
+    """A stored uint8 [C, S, P, L] (LPS) array turned so that its second axis is the `plane`'s normal,
+    each section in the usual display: axial as stored; coronal [C, P, S, L] (sections anterior to
+    posterior, rows superior first, columns the patient's right first); sagittal [C, L, S, P] (sections
+    right to left, rows superior first, columns anterior first). A turned volume with more sections than
+    the array has slices is averaged in adjacent groups down to that many, so that every plane gives
+    the same number of slabs (and image tokens) as the axial one."""
+    if plane == "axial":
+        return array
+    if plane == "coronal":
+        turned = array.transpose(0, 2, 1, 3)[:, :, ::-1, :]
+    elif plane == "sagittal":
+        turned = array.transpose(0, 3, 1, 2)[:, :, ::-1, :]
+    else:
+        raise ValueError(f"unknown plane {plane!r}; one of {', '.join(PLANES)}")
+    n, want = turned.shape[1], array.shape[1]
+    if n <= want:
+        return np.ascontiguousarray(turned)
+    edges = [i * n // want for i in range(want + 1)]
+    groups = [turned[:, a:b].mean(axis=1) for a, b in zip(edges, edges[1:], strict=False)]
+    return np.rint(np.stack(groups, axis=1)).astype(np.uint8)
+
+
+# ---------------------------------------------------------------- gold answers from the label volume
+
+
+def organ_counts(labels: np.ndarray) -> dict[str, int]:
+    counts = np.bincount(labels.ravel(), minlength=max(LABELS) + 1)
+    return {LABELS[i]: int(counts[i]) for i in LABELS}
+
+
+def lesion_facts(labels: np.ndarray, spacing: tuple[float, float, float]) -> dict | None:
+    """The lesion's measures on the stored grid: voxels, mean slice and column, equivalent diameter;
+    None without lesion voxels."""
+    z, _, x = np.nonzero(labels == LESION_LABEL)
+    if len(z) == 0:
+        return None
+    volume_mm3 = len(z) * float(np.prod(spacing))
+    return {
+        "voxels": int(len(z)),
+        "slice": float(z.mean()),
+        "column": float(x.mean()),
+        "diameter_mm": float((6 * volume_mm3 / np.pi) ** (1 / 3)),
+    }
+
+
+def lesion_side(column: float, columns: int) -> str | None:
+    middle = (columns - 1) / 2
+    if abs(column - middle) < SIDE_MARGIN:
+        return None
+    return SIDES[1] if column > middle else SIDES[0]  # LPS: columns run towards the patient's left
+
+
+def lesion_third(slice_: float, slices: int) -> str | None:
+    pos = 3 * (slice_ + 0.5) / slices  # voxel centres; 0 = the inferior end
+    nearest = round(pos)
+    if 0 < nearest < 3 and abs(pos - nearest) < THIRD_MARGIN:
+        return None
+    return THIRDS[min(2, int(pos))]
+
+
+def size_grade(diameter_mm: float) -> str | None:
+    if any(abs(diameter_mm - b) < SIZE_MARGIN_MM for b in SIZE_BOUNDS_MM):
+        return None
+    return SIZES[sum(diameter_mm >= b for b in SIZE_BOUNDS_MM)]
+
+
+def case_questions(labels: np.ndarray, plane: str, rng: np.random.Generator) -> list[dict]:
+    """The questions one case asks (`category`, `question`, `options`, `answer` index, `evidence`), all
+    from its label array [S, P, L] on the stored grid, and the `plane` its plane question shows."""
+    out = []
+
+    def add(kind: str, options: list[str], gold: str, evidence: str, shuffle: bool = True) -> None:
+        if shuffle:
+            options = [options[i] for i in rng.permutation(len(options))]
+        out.append(
+            dict(
+                category=kind,
+                question=QUESTIONS[kind],
+                options=options,
+                answer=options.index(gold),
+                evidence=evidence,
+            )
+        )
+
+    counts = organ_counts(labels)
+    present = [o for o in ORGANS if counts[o] >= MIN_VOXELS]
+    absent = [o for o in ORGANS if counts[o] == 0]
+    if present and len(absent) >= 3:
+        gold = str(rng.choice(present))
+        distractors = [absent[i] for i in rng.permutation(len(absent))[:3]]
+        add("organ", [gold, *distractors], gold, f"{gold}: {counts[gold]} voxels; distractors: 0")
+    spacing = SPEC.spacing
+    facts = lesion_facts(labels, spacing)
+    n = 0 if facts is None else facts["voxels"]
+    if n == 0 or n >= MIN_VOXELS:
+        add("lesion presence", ["yes", "no"], "yes" if n else "no", f"lesion voxels: {n}")
+    if facts is not None and n >= MIN_VOXELS:
+        slices, _, columns = labels.shape
+        side = lesion_side(facts["column"], columns)
+        if side is not None:
+            add(
+                "lesion side",
+                list(SIDES),
+                side,
+                f"mean column {facts['column']:.1f}; middle {(columns - 1) / 2:.1f} (LPS)",
+            )
+        third = lesion_third(facts["slice"], slices)
+        if third is not None:
+            add(
+                "lesion slice range",
+                list(THIRDS)[::-1],
+                third,
+                f"mean slice {facts['slice']:.1f} of {slices} (0 inferior)",
+                shuffle=False,
+            )
+        grade = size_grade(facts["diameter_mm"])
+        if grade is not None:
+            add(
+                "lesion size",
+                list(SIZES),
+                grade,
+                f"{n} voxels, equivalent diameter {facts['diameter_mm']:.1f} mm",
+                shuffle=False,
+            )
+    add("plane", list(PLANES), plane, f"sections turned to {plane}")
+    return out
+
+
+# ---------------------------------------------------------------- phantoms
+
+
+def _lesion_draw(p: Phantom, rng: np.random.Generator) -> dict:
+    """Where and how large the builder puts a lesion in the lesion-free phantom `p`: a third of the
+    slices, a side and a size grade drawn evenly; the centre a voxel of the host organ on that side (at
+    least 8% of the width from the middle) on the third's middle slice."""
+    d, h, w = p.labels.shape
+    third, side, grade = int(rng.integers(3)), int(rng.integers(2)), int(rng.integers(3))
+    z = (third + 0.5) / 3 + float(rng.uniform(-0.04, 0.04))
+    ys, xs = np.nonzero(p.labels[min(d - 1, int(z * d))] == _HOST[p.region])
+    offset = xs + 0.5 - w / 2  # LPS: positive towards the patient's left
+    pick = np.nonzero((np.abs(offset) >= 0.08 * w) & ((offset > 0) if side else (offset < 0)))[0]
+    if len(pick) == 0:  # no host voxel there (the liver barely crosses the midline): anywhere in it
+        pick = np.arange(len(xs))
+    k = int(rng.choice(pick))
+    fov_mm = p.spacing[2] * w  # the radius is a fraction of the in-plane field of view
+    radius = float(rng.uniform(*_DRAW_DIAMETER_MM[grade])) / 2 / fov_mm
+    kind = str(rng.choice(sorted(LESION_KINDS[p.region])))
+    centre = (z, (ys[k] + 0.5) / h, (xs[k] + 0.5) / w)
+    return dict(lesion_kind=kind, lesion_center=centre, lesion_radius=radius)
+
+
+def _sitk(array: np.ndarray, spacing: tuple[float, float, float]):
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(array)  # [z, y, x]; identity direction = LPS, as the phantom is drawn
+    img.SetSpacing(tuple(float(s) for s in spacing[::-1]))
+    return img
+
+
+def prepare(p: Phantom) -> tuple[np.ndarray, np.ndarray]:
+    """A phantom through :data:`SPEC`, as curation stores it -> (uint8 [C, S, P, L] array, its label
+    array on the same grid)."""
+    prepared = SPEC.apply(_sitk(p.hu, p.spacing), _sitk(p.labels, p.spacing), name=f"{p.region} phantom")
+    assert prepared.labels is not None
+    return prepared.array, prepared.labels
+
+
+def make_case(
+    region: str, lesion: bool, seed: tuple[int, ...], shape: tuple[int, int, int] = (32, 128, 128)
+) -> tuple[np.ndarray, np.ndarray]:
+    """One case: a phantom (with a lesion placed by `_lesion_draw`, or none) through :func:`prepare`."""
+    p = make_phantom(region, shape, np.random.default_rng(seed), lesion=False)
+    if lesion:  # the same seed again: the same anatomy, with the lesion
+        draw = _lesion_draw(p, np.random.default_rng([*seed, 1]))
+        p = make_phantom(region, shape, np.random.default_rng(seed), lesion=True, **draw)
+    return prepare(p)
+
+
+def write_volume_file(root: Path, array: np.ndarray) -> str:
+    """`root/volumes/<sha256>.npy` (curation's name and format); returns its path relative to root."""
+    rel = f"volumes/{content_hash(array)}.npy"
+    path = root / rel
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+        def save(tmp: Path) -> None:
+            with tmp.open("wb") as f:  # a file object: np.save would add ".npy" to a name
+                np.save(f, array, allow_pickle=False)
+
+        atomic_write(path, save)
+    return rel
+
+
+def build_synth3d(
+    out: str | Path, n: int = 60, seed: int = 1000, shape: tuple[int, int, int] = (32, 128, 128)
+) -> Path:
+    """Write the benchmark: `n` phantoms (regions in turn, a lesion in every other pair of cycles so
+    each region has both) as volumes under `out/volumes/` and their questions as `out/synth3d.tsv`;
+    returns the TSV's path. `seed` keeps it apart from training phantoms (medvl.synth.volumes uses 0)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        region, lesion = REGIONS[i % 3], (i // 3) % 2 == 0
+        array, labels = make_case(region, lesion, (seed, i), shape)
+        rng = np.random.default_rng([seed, i, 2])
+        plane = PLANES[int(rng.integers(3))]
+        files = {"axial": write_volume_file(out, array)}
+        files[plane] = write_volume_file(out, reformat(array, plane))
+        for q in case_questions(labels, plane, rng):
+            opts = q["options"]
+            rows.append(
+                {
+                    "index": len(rows),
+                    "image": files[plane] if q["category"] == "plane" else files["axial"],
+                    "question": q["question"],
+                    **{OPTION_LETTERS[k]: (opts[k] if k < len(opts) else "") for k in range(4)},
+                    "answer": OPTION_LETTERS[q["answer"]],
+                    "category": q["category"],
+                    "case": f"{region}-{i:04d}",
+                    "evidence": q["evidence"],
+                }
+            )
+    path = out / "synth3d.tsv"
+    with path.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS, delimiter="\t", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
