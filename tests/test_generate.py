@@ -496,3 +496,35 @@ def test_volume_records_are_skipped_not_quarantined(tmp_path, monkeypatch):
     assert not volumes & {r["record_id"] for r in rejected}
     samples = [json.loads(line) for line in (tmp_path / "gen" / "samples.jsonl").open()]
     assert not volumes & {s["provenance"]["record_id"] for s in samples}
+
+
+def test_cli_prints_the_skipped_volumes_in_its_sum(tmp_path, monkeypatch):
+    """`medvl generate` on curated phantoms (slices and whole volumes): the line it prints adds up, with
+    the skipped volume records in the sum, and says what report.json says."""
+    from typer.testing import CliRunner
+
+    from medvl.cli import app
+    from medvl.curate.card import load_card
+    from medvl.curate.pipeline import curate
+    from medvl.synth.volumes import write_phantoms
+
+    write_phantoms(tmp_path / "phantoms", 3, shape=(16, 48, 48), seed=1)
+    monkeypatch.setenv("MEDVL_SYNTH_3D", str(tmp_path / "phantoms"))
+    curate([load_card(CARDS / "synthetic-3d.yaml")], tmp_path / "cur", workers=1)
+    out = tmp_path / "gen"
+    res = CliRunner().invoke(
+        app, ["generate", str(tmp_path / "cur"), "--out", str(out), "--formats", "caption"]
+    )
+    assert res.exit_code == 0, res.output
+    line = re.search(
+        r"read (\d+) = kept (\d+) \+ rejected (\d+) \(.*\) \+ quarantined (\d+) \+ skipped (\d+) \((.*)\);",
+        res.output,
+    )
+    assert line, res.output
+    read, kept, rejected, quarantined, skipped = map(int, line.groups()[:5])
+    report = json.loads((out / "report.json").read_text())
+    assert (read, kept, rejected, quarantined, skipped) == tuple(
+        report[k] for k in ("read", "kept", "rejected", "quarantined", "skipped")
+    )
+    assert skipped > 0 and kept > 0 and read == kept + rejected + quarantined + skipped
+    assert line.group(6) == ", ".join(f"{k} {v}" for k, v in report["skipped_reasons"].items())

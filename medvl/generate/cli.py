@@ -115,8 +115,10 @@ def generate(
     if report is None:  # an openai dry run or batch file: nothing was generated
         return
     reasons = ", ".join(f"{k} {v}" for k, v in report["reasons"].items()) or "none"
+    skipped = ", ".join(f"{k} {v}" for k, v in report["skipped_reasons"].items()) or "none"
     typer.echo(
         f"read {report['read']} = kept {report['kept']} + rejected {report['rejected']} ({reasons}) + "
-        f"quarantined {report['quarantined']}; records {report['records']}.\n"
+        f"quarantined {report['quarantined']} + skipped {report['skipped']} ({skipped}); "
+        f"records {report['records']}.\n"
         f"samples: {out}/samples.jsonl  rejected: {out}/rejected.jsonl  report: {out}/report.json"
     )
