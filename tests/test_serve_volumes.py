@@ -1,10 +1,13 @@
 """Scans through `medvl serve` and `medvl chat`: NIfTI files and DICOM series (a folder or a zip) as
 slabs of the slices route, on a real loopback server called with the official openai client; bad scans
-answered 4xx with one line (4D, NaN, truncated gzip, missing or duplicated slices, too large)."""
+answered 4xx with one line (4D, NaN, truncated gzip, missing or duplicated slices, too large); a model
+folder's own volume spec and token budget (`volumes.json`) used by both."""
 
 from __future__ import annotations
 
 import io
+import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -21,8 +24,19 @@ from test_serve import SETTINGS, assert_error_shape, build_tiny_model, client, d
 from typer.testing import CliRunner
 
 from medvl import RESEARCH_ONLY
-from medvl.imaging import DEFAULT_CT_SPEC, read_image, read_scan, scan_slabs, slab_count, slab_mode
-from medvl.model.build import load
+from medvl.errors import InputError
+from medvl.imaging import (
+    DEFAULT_CT_SPEC,
+    DEFAULT_OTHER_SPEC,
+    VolumeSpec,
+    read_image,
+    read_scan,
+    scan_slabs,
+    slab_count,
+    slab_mode,
+    volume_slabs,
+)
+from medvl.model.build import VOLUMES_FILE, VolumePreprocessing, load, load_volumes
 from medvl.model.decode import Conversation, generate
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
@@ -245,3 +259,87 @@ def test_chat_reads_the_real_spleen_ct(model_dir, vlm):
     result = CliRunner().invoke(app, [*args, "--volume-tokens", "64"])
     assert result.exit_code == 0, result.output
     assert f"medvl> {want.text}".strip() in result.output
+
+
+# ---- the model folder's own volume spec and budget ----
+
+# A model trained on thick-slab CT volumes: synthetic-3d's windows and in-plane grid (64 x 64 slabs, where
+# the default CT spec's are 256 x 256), but 3 slices of 20 mm (the default: 32 of 5 mm); and a budget of 4
+# slabs (the default, 4096 tokens, gives 32). A served scan's prompt tokens tell both apart: a CT phantom
+# is 3 slabs with this spec (4 with the default), an MR scan (the default spec) 4 slabs (32 by default).
+OWN = VolumePreprocessing(
+    volume_tokens=4 * 16,
+    specs=(
+        VolumeSpec(
+            spacing=(20.0, 6.25, 6.25),
+            size=(3, 64, 64),
+            windows=("abdomen", "lung", "bone"),
+            crop_foreground=True,
+        ),
+    ),
+)
+
+
+@pytest.fixture(scope="module")
+def own_model_dir(model_dir, tmp_path_factory) -> Path:
+    """The tiny model's folder with the volumes.json training leaves (tests/test_slices_route.py checks
+    that training writes it)."""
+    folder = tmp_path_factory.mktemp("own") / "m"
+    shutil.copytree(model_dir, folder)
+    (folder / VOLUMES_FILE).write_text(OWN.model_dump_json())
+    return folder
+
+
+def answer_to(vlm, slabs: list, **kw):
+    content = [{"type": "image"}] * len(slabs) + [{"type": "text", "text": QUESTION}]
+    return generate(vlm, [Conversation([{"role": "user", "content": content}], slabs)], **kw)[0]
+
+
+def test_serve_and_chat_read_scans_with_the_models_spec_and_budget(own_model_dir, phantom):
+    from medvl.cli import app
+
+    vlm = load(own_model_dir)
+    assert vlm.volumes == OWN and load_volumes(own_model_dir) == OWN
+    per_image = vlm.model.config.image_seq_length
+    ct, modality = read_scan(phantom)
+    assert modality == "CT"
+    slabs = volume_slabs(OWN.specs[0].apply(ct).array, 3)  # the model's CT spec: 3 slices, 3 slabs
+    assert [s.size for s in slabs] == [(64, 64)] * 3
+    want = answer_to(vlm, slabs, max_new_tokens=8)
+    mr_path = NIBABEL_DATA / "anatomical.nii"
+    mr, modality = read_scan(mr_path)
+    assert modality == "" and OWN.spec_for(modality) == DEFAULT_OTHER_SPEC  # no MR spec: the default
+    mr_want = answer_to(vlm, volume_slabs(DEFAULT_OTHER_SPEC.apply(mr).array, 4), max_new_tokens=4)
+    settings = replace(SETTINGS, max_volume_bytes=2**20)  # no volume_tokens: the model's budget
+    assert settings.volume_tokens is None
+    ct_msg = scan_message(data_url(phantom.read_bytes(), "application/gzip"))
+    mr_msg = scan_message(data_url(mr_path.read_bytes(), "application/x-nifti"))
+    with running(vlm, settings) as url:
+        r = client(url).chat.completions.create(model="tiny", messages=ct_msg, max_tokens=8)
+        assert r.choices[0].message.content == want.text and r.usage.prompt_tokens == want.prompt_tokens
+        r = client(url).chat.completions.create(model="tiny", messages=mr_msg, max_tokens=4)
+        assert r.choices[0].message.content == mr_want.text and r.usage.prompt_tokens == mr_want.prompt_tokens
+    # The default spec (4 slabs at this budget) and the default budget (32 MR slabs) would differ.
+    default_ct = slab_count(DEFAULT_CT_SPEC.size[0], per_image, OWN.volume_tokens)
+    assert default_ct == 4
+    assert want.prompt_tokens < answer_to(vlm, [slabs[0]] * default_ct, max_new_tokens=1).prompt_tokens
+    assert slab_count(DEFAULT_OTHER_SPEC.size[0], per_image) == 32
+    # --volume-tokens overrides the model's budget: 2 slabs of the model's spec
+    with running(vlm, replace(settings, volume_tokens=2 * 16)) as url:
+        r = client(url).chat.completions.create(model="tiny", messages=ct_msg, max_tokens=2)
+    two = answer_to(vlm, volume_slabs(OWN.specs[0].apply(ct).array, 2), max_new_tokens=2)
+    assert r.usage.prompt_tokens == two.prompt_tokens < want.prompt_tokens
+    args = ["chat", "--model", str(own_model_dir), "--image", str(phantom), "-q", QUESTION]
+    result = CliRunner().invoke(app, [*args, "--max-new-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    assert f"medvl> {want.text}".strip() in result.output
+    got = vlm.volumes.slabs(phantom, per_image)  # chat's reader, pixel for pixel
+    assert [np.asarray(a).tolist() for a in got] == [np.asarray(b).tolist() for b in slabs]
+
+
+def test_a_bad_volumes_json_names_the_file(tmp_path):
+    ct = OWN.specs[0]
+    (tmp_path / VOLUMES_FILE).write_text(json.dumps({"specs": [json.loads(ct.model_dump_json())] * 2}))
+    with pytest.raises(InputError, match=r"volumes.json: volumes: specs: .*at most one CT spec"):
+        load_volumes(tmp_path)
+    assert load_volumes(tmp_path / "absent") == VolumePreprocessing()  # no file: the defaults

@@ -1,5 +1,6 @@
 """The `slices` (2.5D) route: a stored volume -> K slabs -> a multi-image sample of stock
-`LlavaForConditionalGeneration`, mixed with 2D samples in packed batches."""
+`LlavaForConditionalGeneration`, mixed with 2D samples in packed batches; a stage's `volume_tokens` and
+`volume_specs`, saved with the model."""
 
 from __future__ import annotations
 
@@ -9,15 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from medvl.data.conversations import ConversationDataset
 from medvl.data.packing import PackedCollator
 from medvl.imaging import read_volume, slab_count, slab_mode, volume_slabs
 from medvl.imaging.volume_spec import VolumeSpec
-from medvl.model.build import load
+from medvl.model.build import VOLUMES_FILE, VolumePreprocessing, load, load_volumes
 from medvl.prompts import IMAGE_TOKEN
-from medvl.train.loop import loss_sum
+from medvl.train.config import load_config
+from medvl.train.loop import StageRecipe, loss_sum
 
 # The synthetic-3d card's spec (configs/cards/synthetic-3d.yaml): three windows, 32 slices.
 SPEC = VolumeSpec(
@@ -168,3 +171,79 @@ def test_bad_volume_samples_name_the_sample(tiny_model_dir, mixed_data, tmp_path
         with pytest.raises((ValueError, FileNotFoundError), match=problem) as e:
             ConversationDataset(vlm, [(tmp_path / "d.json", mixed_data)], 1024)
         assert "sample id bad" in str(e.value)
+
+
+def stage_config(tmp_path: Path, model: Path, data: Path, name: str, **keys) -> Path:
+    """A stage over the mixed data: one global batch of all five samples, packed into one row."""
+    cfg = {
+        "stage": name,
+        "model": str(model),
+        "output_dir": str(tmp_path / name),
+        "data": [{"path": str(data / "data.json")}],
+        "freeze": {"llm": False, "projector": False, "vision": False},
+        "packing": "soft",
+        "lr": 1e-3,
+        "global_batch_size": 5,
+        "micro_batch_size": 5,
+        "max_length": 1024,
+        "max_steps": 1,
+        "warmup_ratio": 0.0,
+        **keys,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_stage_volume_tokens_set_the_slabs_and_the_model_keeps_them(tiny_model_dir, mixed_data, tmp_path):
+    """`volume_tokens` of a stage config: K = budget // image_seq_length slabs per volume in the batches
+    the loader gives; the final model records the budget and the stage's volume spec (volumes.json),
+    and the next stage keeps them when its config names none."""
+    per_image = load(tiny_model_dir).model.config.image_seq_length
+    budget = 3 * per_image + 7
+    spec = [SPEC.model_dump(mode="json")]
+    cfg = load_config(
+        stage_config(tmp_path, tiny_model_dir, mixed_data, "s1", volume_tokens=budget, volume_specs=spec)
+    )
+    assert cfg.volume_tokens == budget and cfg.volume_specs == [SPEC]
+    recipe = StageRecipe(cfg)
+    recipe.setup()
+    k = budget // per_image
+    assert k == 3 and {s.id: s.n_images for s in recipe.dataset.samples} == {
+        "vol0": k,
+        "vol1": k,
+        "img0": 1,
+        "img1": 1,
+        "text": 0,
+    }
+    batch = next(iter(recipe.loader))
+    image_id = recipe.base.config.image_token_id
+    assert batch["pixel_values"].shape[0] == 2 * k + 2
+    assert int((batch["input_ids"] == image_id).sum()) == (2 * k + 2) * per_image
+    final = recipe.save(recipe.train())
+    saved = VolumePreprocessing(volume_tokens=budget, specs=(SPEC,))
+    assert load_volumes(final) == saved and load(final).volumes == saved
+    assert json.loads((final / VOLUMES_FILE).read_text())["volume_tokens"] == budget
+    # The next stage starts from that model and keeps both.
+    nxt = StageRecipe(load_config(stage_config(tmp_path, final, mixed_data, "s2")))
+    nxt.load_model()
+    assert nxt.vlm.volumes == saved
+
+
+def test_stage_volumes_must_match_the_models_spec(tiny_model_dir, mixed_data, tmp_path):
+    """Volumes stored by a spec the model does not record would be served otherwise than trained: the
+    stage stops naming the sample. A budget that pays for no image stops it too."""
+    recipe = StageRecipe(load_config(stage_config(tmp_path, tiny_model_dir, mixed_data, "nospec")))
+    with pytest.raises(
+        ValueError, match=r"sample id vol0: volume .*v0\.npy is \[3, 32, 64, 64\].*volume_specs"
+    ):
+        recipe.setup()
+    per_image = load(tiny_model_dir).model.config.image_seq_length
+    small = stage_config(tmp_path, tiny_model_dir, mixed_data, "small", volume_tokens=per_image - 1)
+    with pytest.raises(ValueError, match="does not pay for one image"):
+        StageRecipe(load_config(small)).load_model()
+    two_ct = stage_config(
+        tmp_path, tiny_model_dir, mixed_data, "two", volume_specs=[SPEC.model_dump(mode="json")] * 2
+    )
+    with pytest.raises(ValueError, match=r"two\.yaml.*volume_specs.*at most one CT spec"):
+        load_config(two_ct)

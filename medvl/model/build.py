@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -35,7 +36,16 @@ from transformers import (
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from medvl.errors import InputError
-from medvl.imaging import Preprocessing
+from medvl.imaging import (
+    DEFAULT_VOLUME_TOKENS,
+    Preprocessing,
+    VolumeSpec,
+    default_volume_spec,
+    read_scan,
+    slab_count,
+    volume_slabs,
+)
+from medvl.imaging.slabs import MAX_SCAN_BYTES, MAX_SCAN_VOXELS
 from medvl.model.tokenizer import CHAT_TEMPLATE, IMAGE_TOKEN, add_medvl_tokens
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
@@ -74,6 +84,59 @@ def load_preset(name_or_path: str) -> PresetSpec:
     return PresetSpec(**yaml.safe_load(path.read_text()))
 
 
+def check_volume_specs(specs: tuple[VolumeSpec, ...] | list[VolumeSpec]) -> None:
+    """A scan's modality picks its spec: at most one for CT (HU: windows or hu_range) and one for the
+    other modalities."""
+    kinds = [s.hu for s in specs]
+    if len(set(kinds)) != len(kinds):
+        raise ValueError("at most one CT spec (windows or hu_range) and one for other modalities (neither)")
+
+
+class VolumePreprocessing(BaseModel):
+    """How a scan becomes this model's slabs (the slices route, docs/3d.md): the spec its training
+    volumes were curated with, per kind (CT; other modalities), the default spec for a kind it names
+    none for, and the image tokens one volume may take, which set its number of slabs. Training saves
+    it beside the weights (`volumes.json`); chat, the server and the web demo read scans with it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    volume_tokens: int = Field(DEFAULT_VOLUME_TOKENS, gt=0)
+    specs: tuple[VolumeSpec, ...] = ()
+
+    @field_validator("specs")
+    @classmethod
+    def _one_per_kind(cls, v: tuple[VolumeSpec, ...]) -> tuple[VolumeSpec, ...]:
+        check_volume_specs(v)
+        return v
+
+    def spec_for(self, modality: str) -> VolumeSpec:
+        return next((s for s in self.specs if s.hu == (modality == "CT")), default_volume_spec(modality))
+
+    def check_budget(self, tokens_per_image: int) -> None:
+        """ValueError when the budget pays for no image of `tokens_per_image` tokens."""
+        slab_count(1, tokens_per_image, self.volume_tokens)
+
+    def with_tokens(self, volume_tokens: int | None) -> VolumePreprocessing:
+        """The same with another budget (None: this one), e.g. a server's `--volume-tokens`."""
+        return self if volume_tokens is None else self.model_copy(update={"volume_tokens": volume_tokens})
+
+    def slabs(
+        self,
+        source: str | Path | bytes,
+        tokens_per_image: int,
+        name: str | None = None,
+        *,
+        max_bytes: int = MAX_SCAN_BYTES,
+        max_voxels: int = MAX_SCAN_VOXELS,
+    ) -> list[Image.Image]:
+        """A scan (`medvl.imaging.read_scan`: a NIfTI file, a DICOM series as a folder or zip) -> its
+        slabs: the spec for its modality through `VolumeSpec.apply`, then K = `slab_count` slabs."""
+        name = name or ("<bytes>" if isinstance(source, bytes) else str(source))
+        img, modality = read_scan(source, name, max_bytes=max_bytes, max_voxels=max_voxels)
+        array = self.spec_for(modality).apply(img, name=name).array
+        return volume_slabs(array, slab_count(array.shape[1], tokens_per_image, self.volume_tokens))
+
+
 @dataclass
 class VLM:
     """A model with its processor: everything needed to train, generate and save."""
@@ -83,6 +146,8 @@ class VLM:
     # How DICOM and other medical files become the pixels this model sees: set it to the preprocessing
     # of the curated data it is trained on; serving, chat and evaluation read files with it.
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    # How scans (NIfTI, DICOM series) become its slabs: the spec and token budget of its training volumes.
+    volumes: VolumePreprocessing = field(default_factory=VolumePreprocessing)
 
     @property
     def tokenizer(self):
@@ -90,7 +155,7 @@ class VLM:
 
     def save(self, folder: str | Path) -> None:
         save(self.model, self.processor, folder)
-        save_preprocessing(self.preprocessing, folder)
+        save_input_descriptions(self.preprocessing, self.volumes, folder)
 
 
 def _num_additional_tokens(vision_config: PretrainedConfig, strategy: str) -> int:
@@ -259,13 +324,22 @@ def save(model: PreTrainedModel, processor: LlavaProcessor, folder: str | Path) 
     processor.save_pretrained(folder)
 
 
-# Next to the weights: stock transformers ignores it, medvl's `load` reads it.
+# Next to the weights: stock transformers ignores them, medvl's `load` reads them.
 PREPROCESSING_FILE = "preprocessing.json"
+VOLUMES_FILE = "volumes.json"
 
 
 def save_preprocessing(preprocessing: Preprocessing, folder: str | Path) -> None:
     path = Path(folder) / PREPROCESSING_FILE
     path.write_text(preprocessing.model_dump_json(indent=1) + "\n")
+
+
+def save_input_descriptions(
+    preprocessing: Preprocessing, volumes: VolumePreprocessing, folder: str | Path
+) -> None:
+    """What a model folder says about its inputs: how files become pixels, and scans slabs."""
+    save_preprocessing(preprocessing, folder)
+    (Path(folder) / VOLUMES_FILE).write_text(volumes.model_dump_json(indent=1) + "\n")
 
 
 def load_preprocessing(folder: str | Path) -> Preprocessing:
@@ -277,13 +351,22 @@ def load_preprocessing(folder: str | Path) -> Preprocessing:
             raise InputError(str(path), "preprocessing", "file not found")
     else:
         path = path / PREPROCESSING_FILE
+    return _read_description(path, Preprocessing, "preprocessing")
+
+
+def load_volumes(folder: str | Path) -> VolumePreprocessing:
+    """A model folder's volume preprocessing; the default specs and budget for a folder without one."""
+    return _read_description(Path(folder) / VOLUMES_FILE, VolumePreprocessing, "volumes")
+
+
+def _read_description(path: Path, kind: type[BaseModel], what: str):
     if not path.exists():
-        return Preprocessing()
+        return kind()
     try:
-        return Preprocessing.model_validate_json(path.read_text())
+        return kind.model_validate_json(path.read_text())
     except ValidationError as e:  # invalid JSON included
         problem = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'file'}: {x['msg']}" for x in e.errors())
-        raise InputError(str(path), "preprocessing", problem) from None
+        raise InputError(str(path), what, problem) from None
 
 
 def load(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None) -> VLM:
@@ -300,4 +383,4 @@ def load(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | N
     processor.tokenizer.padding_side = "left"
     if device:
         model.to(device)
-    return VLM(model.eval(), processor, load_preprocessing(folder))
+    return VLM(model.eval(), processor, load_preprocessing(folder), load_volumes(folder))

@@ -9,9 +9,10 @@ request). Images come only as `data:` URLs (base64 PNG, JPEG or DICOM); the serv
 fetches a URL or reads a file named in a request only under the operator's allow-lists.
 
 A scan may come as a `data:` URL too (`VOLUME_URL_TYPES`: a NIfTI file, .nii or .nii.gz, or a zipped
-DICOM series): read with the checks of curation (`medvl.imaging.read_scan`), preprocessed by the default
-spec for its modality and cut into slabs (`scan_slabs`, docs/3d.md), its image part then standing for K
-image parts, K from the volume token budget (`volume_tokens`) over the model's tokens per image.
+DICOM series): read with the checks of curation (`medvl.imaging.read_scan`), preprocessed by the model's
+spec for its modality (`vlm.volumes`: its training volumes' spec, else the default) and cut into slabs
+(docs/3d.md), its image part then standing for K image parts, K from the volume token budget (the
+model's, or `volume_tokens`) over the model's tokens per image.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medvl import RESEARCH_ONLY
-from medvl.imaging import DEFAULT_VOLUME_TOKENS, Preprocessing, read_image, scan_slabs
+from medvl.imaging import Preprocessing, read_image
 from medvl.imaging.slabs import MAX_SCAN_VOXELS
-from medvl.model.build import VLM
+from medvl.model.build import VLM, VolumePreprocessing
 from medvl.model.decode import Completion, Conversation
 from medvl.serve.batcher import Batcher, QueueFull, Sampling
 from medvl.serve.limits import PromptCounter
@@ -66,7 +67,7 @@ class ServeSettings:
     max_images: int = 4
     max_volume_bytes: int = 32 * 1024 * 1024  # a scan's compressed bytes, and a zipped series unpacked
     max_volume_voxels: int = MAX_SCAN_VOXELS  # from the NIfTI header, before any voxel is read
-    volume_tokens: int = DEFAULT_VOLUME_TOKENS  # image tokens of one scan: sets its number of slabs
+    volume_tokens: int | None = None  # image tokens of one scan, its number of slabs (None: the model's)
     max_tokens: int = 1024  # the most a request may ask for
     max_batch_size: int = 16
     max_queue: int = 64
@@ -76,6 +77,31 @@ class ServeSettings:
     # Operator allow-lists; both empty by default, so no request can make the server fetch or read.
     allow_url_prefixes: tuple[str, ...] = ()
     allow_dirs: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
+class ScanReader:
+    """A scan -> the slabs the model is given: the model's volume preprocessing (with the server's
+    budget, if it sets one) at the model's tokens per image, under the server's limits. The API and the
+    web demo read scans through it."""
+
+    volumes: VolumePreprocessing
+    tokens_per_image: int
+    max_bytes: int
+    max_voxels: int
+
+    @classmethod
+    def of(cls, vlm: VLM, volume_tokens: int | None, max_bytes: int, max_voxels: int) -> ScanReader:
+        """For `vlm`, its budget replaced by `volume_tokens` unless None; refused at start-up (ValueError)
+        if the budget pays for no image."""
+        volumes, per_image = vlm.volumes.with_tokens(volume_tokens), vlm.model.config.image_seq_length
+        volumes.check_budget(per_image)
+        return cls(volumes, per_image, max_bytes, max_voxels)
+
+    def slabs(self, source: str | Path | bytes, name: str | None = None) -> list[Image.Image]:
+        return self.volumes.slabs(
+            source, self.tokens_per_image, name, max_bytes=self.max_bytes, max_voxels=self.max_voxels
+        )
 
 
 class APIError(Exception):
@@ -156,7 +182,7 @@ def create_app(vlm: VLM, settings: ServeSettings) -> FastAPI:
     batcher = Batcher(vlm, settings.max_batch_size, settings.max_queue)
     counter = PromptCounter(vlm)
     image_size = vlm.model.config.vision_config.image_size  # images are read as in training
-    image_tokens = vlm.model.config.image_seq_length  # a scan's slabs: volume_tokens // image_tokens
+    scans = ScanReader.of(vlm, settings.volume_tokens, settings.max_volume_bytes, settings.max_volume_voxels)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -204,7 +230,7 @@ def create_app(vlm: VLM, settings: ServeSettings) -> FastAPI:
                 "model",
                 "model_not_found",
             )
-        conversation = await _conversation(req, settings, image_size, image_tokens, vlm.preprocessing)
+        conversation = await _conversation(req, settings, image_size, scans, vlm.preprocessing)
         prompt_tokens = await run_in_threadpool(counter.count, conversation)
         sampling = _sampling(req, prompt_tokens, counter.context, settings)
         try:
@@ -319,7 +345,7 @@ async def _conversation(
     req: ChatRequest,
     settings: ServeSettings,
     image_size: int,
-    image_tokens: int,
+    scans: ScanReader,
     preprocessing: Preprocessing,
 ) -> Conversation:
     """The request's messages in the transformers shape, with its images decoded (off the event loop);
@@ -354,8 +380,7 @@ async def _conversation(
             400, f"{len(urls)} images, above the limit of {settings.max_images} per request", "messages"
         )
     decoded = [
-        await _images(url, param, settings, image_size, image_tokens, preprocessing)
-        for param, url, *_ in urls
+        await _images(url, param, settings, image_size, scans, preprocessing) for param, url, *_ in urls
     ]
     for (*_, i, j), images in reversed(list(zip(urls, decoded, strict=True))):  # later parts first
         messages[i]["content"][j : j + 1] = [{"type": "image"}] * len(images)
@@ -363,21 +388,14 @@ async def _conversation(
 
 
 async def _images(
-    url: str, param: str, settings: ServeSettings, size: int, image_tokens: int, preprocessing: Preprocessing
+    url: str, param: str, settings: ServeSettings, size: int, scans: ScanReader, preprocessing: Preprocessing
 ) -> list[Image.Image]:
     """An image part's images: one, or a scan's slabs."""
     if url.startswith("data:"):
         mime, data = _data_url_bytes(url, param, settings)
         if mime in VOLUME_URL_TYPES:
             try:
-                return await run_in_threadpool(
-                    scan_slabs,
-                    data,
-                    image_tokens,
-                    settings.volume_tokens,
-                    max_bytes=settings.max_volume_bytes,
-                    max_voxels=settings.max_volume_voxels,
-                )
+                return await run_in_threadpool(scans.slabs, data)
             except ValueError as e:
                 raise APIError(400, f"{param}: {e}", param, "invalid_volume") from None
     elif url.startswith(("http://", "https://")):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from medvl.imaging.slabs import DEFAULT_VOLUME_TOKENS
+from medvl.serve.cli import VOLUME_TOKENS_HELP
 
 
 def chat(
@@ -18,17 +18,15 @@ def chat(
     ),
     question: str = typer.Option(None, "--question", "-q", help="Ask once and exit; otherwise interactive."),
     max_new_tokens: int = typer.Option(256),
-    volume_tokens: int = typer.Option(
-        DEFAULT_VOLUME_TOKENS, help="Image tokens a scan may take: its number of slabs (docs/3d.md)."
-    ),
+    volume_tokens: int = typer.Option(None, help=VOLUME_TOKENS_HELP),
 ) -> None:
     """Ask a model about an image in the terminal (multi-turn; empty line or Ctrl-D quits)."""
     from rich.console import Console
     from transformers import AutoConfig
 
     from medvl import RESEARCH_ONLY
-    from medvl.imaging import is_scan, read_image, scan_slabs
-    from medvl.model.build import load, load_preprocessing
+    from medvl.imaging import is_scan, read_image
+    from medvl.model.build import load, load_preprocessing, load_volumes
     from medvl.model.decode import Conversation, generate
 
     images = []
@@ -40,7 +38,8 @@ def chat(
         if is_scan(image):
             if config is None:
                 load(model)  # raises its own error
-            images = scan_slabs(image, config.image_seq_length, volume_tokens)
+            # the model's spec for the scan's modality, as the server does
+            images = load_volumes(model).with_tokens(volume_tokens).slabs(image, config.image_seq_length)
         else:
             size = config.vision_config.image_size if config is not None else None
             images = [read_image(image, load_preprocessing(model), size=size)]

@@ -5,7 +5,10 @@ from pathlib import Path
 
 import typer
 
-from medvl.imaging.slabs import DEFAULT_VOLUME_TOKENS
+VOLUME_TOKENS_HELP = (
+    "Image tokens a scan may take, which set its number of slabs (docs/3d.md). Default: the budget the "
+    "model was trained with (its volumes.json; 4096 without one)."
+)
 
 
 def serve(
@@ -26,9 +29,7 @@ def serve(
     max_volume_mb: float = typer.Option(
         32.0, help="Largest scan (NIfTI or zipped DICOM series), in MiB, compressed and unpacked (413 above)."
     ),
-    volume_tokens: int = typer.Option(
-        DEFAULT_VOLUME_TOKENS, help="Image tokens a scan may take: its number of slabs (docs/3d.md)."
-    ),
+    volume_tokens: int = typer.Option(None, help=VOLUME_TOKENS_HELP),
     body_timeout: float = typer.Option(
         30.0, min=0.1, help="Seconds to wait for the next piece of a request body (408 after)."
     ),

@@ -15,7 +15,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from medvl.imaging import Preprocessing
-from medvl.model.build import save_preprocessing
+from medvl.model.build import VolumePreprocessing, save_input_descriptions
 from medvl.train import lora as lora_lib
 from medvl.train.config import Lora
 
@@ -76,11 +76,13 @@ def save_final(
     lora: Lora | None,
     base: Path,
     preprocessing: Preprocessing,
+    volumes: VolumePreprocessing,
 ) -> None:
     """The trained model as a plain LLaVA folder, gathered from every rank's shards. Under LoRA the
     `trainable` tensors (adapters, fully trained components) are merged into a fresh full-precision
-    load of `base`, the stage's starting model. The preprocessing it was trained with goes beside the
-    weights, so inference reads files into the same pixels."""
+    load of `base`, the stage's starting model. The preprocessing it was trained with (of files, and of
+    scans: volume spec and token budget) goes beside the weights, so inference reads files into the same
+    pixels and scans into the same slabs."""
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)  # a collective under FSDP / ZeRO-3: every rank
     if not accelerator.is_main_process:
@@ -95,4 +97,4 @@ def save_final(
     out.config.text_config.use_cache = True
     out.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
     processor.save_pretrained(folder)
-    save_preprocessing(preprocessing, folder)
+    save_input_descriptions(preprocessing, volumes, folder)

@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from medvl.imaging import VolumeSpec
+from medvl.model.build import check_volume_specs
 from medvl.records import Strict
 
 
@@ -59,6 +61,13 @@ class StageConfig(Strict):
     # the curated records); saved with the checkpoint. Default: the starting model's.
     preprocessing: Path | None = None
     data: list[DataSource] = Field(min_length=1)
+    # Volume samples (the slices route, docs/3d.md): the image tokens one volume may take, which set its
+    # number of slabs K = volume_tokens // the model's tokens per image; and the specs of the curated
+    # volumes (a card's `volume:`, at most one CT and one other). Both are saved with the model, which
+    # chat and serving read scans with. Default: the starting model's (4096 tokens and medvl's default
+    # specs for a new build).
+    volume_tokens: int | None = Field(None, gt=0)
+    volume_specs: list[VolumeSpec] | None = None
 
     freeze: Freeze
     # soft: whole samples packed into rows, each attending only to itself: with varlen attention the
@@ -99,6 +108,13 @@ class StageConfig(Strict):
     save_every: int | None = Field(None, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     peak_flops: float | None = None  # for MFU; default: known GPU peak, or measured on CPU
+
+    @field_validator("volume_specs")
+    @classmethod
+    def _one_spec_per_kind(cls, v: list[VolumeSpec] | None) -> list[VolumeSpec] | None:
+        if v is not None:
+            check_volume_specs(v)
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> StageConfig:

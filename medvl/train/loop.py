@@ -20,6 +20,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
@@ -28,8 +29,9 @@ from tqdm.auto import tqdm
 
 from medvl.data.conversations import IGNORE, Collator, ConversationDataset
 from medvl.data.packing import PackedCollator
+from medvl.imaging import VolumeSpec
 from medvl.model.attention import register_varlen
-from medvl.model.build import VLM, load, load_preprocessing
+from medvl.model.build import VLM, VolumePreprocessing, load, load_preprocessing
 from medvl.train import lora as lora_lib
 from medvl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_final
 from medvl.train.config import DataSource, Freeze, Lora, StageConfig
@@ -152,9 +154,44 @@ def unread_vision_parameters(model) -> set[torch.nn.Parameter]:
 # ---------------------------------------------------------------- data
 
 
+def stage_volumes(vlm: VLM, volume_tokens: int | None, specs: list[VolumeSpec] | None) -> VolumePreprocessing:
+    """The stage's volume preprocessing: the config's budget and specs, each defaulting to the starting
+    model's. The budget must pay for one image."""
+    start = vlm.volumes
+    volumes = VolumePreprocessing(
+        volume_tokens=volume_tokens or start.volume_tokens,
+        specs=tuple(specs) if specs is not None else start.specs,
+    )
+    volumes.check_budget(vlm.model.config.image_seq_length)
+    return volumes
+
+
+def check_volume_shapes(dataset: ConversationDataset, volumes: VolumePreprocessing) -> None:
+    """Every volume sample's stored array must have the shape one of the model's specs makes (the one
+    chat and serving will apply to scans), so a model is not saved to be served scans preprocessed
+    otherwise than its training volumes."""
+    specs = [volumes.spec_for("CT"), volumes.spec_for("")]
+    shapes = {(len(spec.channels()), *spec.size) for spec in specs}
+    for s in dataset.samples:
+        if s.volume is None:
+            continue
+        shape = tuple(np.load(s.volume, mmap_mode="r", allow_pickle=False).shape)  # the header only
+        if shape not in shapes:
+            made = ", ".join(str(list(x)) for x in sorted(shapes))
+            raise ValueError(
+                f"sample id {s.id}: volume {s.volume} is {list(shape)} [C, S, P, L], which none of the "
+                f"model's volume specs makes ({made}): set volume_specs to the spec it was curated with "
+                "(its card's `volume:`)"
+            )
+
+
 def read_data(vlm: VLM, sources: list[DataSource], max_length: int, sizes: set[int]) -> ConversationDataset:
-    """The stage's samples; every one must fit `max_length` at each image size in `sizes`."""
-    dataset = ConversationDataset(vlm, [(d.path, d.image_root) for d in sources], max_length)
+    """The stage's samples, volumes cut into slabs as `vlm.volumes` says; every sample must fit
+    `max_length` at each image size in `sizes`."""
+    dataset = ConversationDataset(
+        vlm, [(d.path, d.image_root) for d in sources], max_length, vlm.volumes.volume_tokens
+    )
+    check_volume_shapes(dataset, vlm.volumes)
     for size in sizes:
         if max(dataset.lengths(size)) > max_length:
             raise ValueError(
@@ -305,6 +342,7 @@ class StageRecipe:
         self.vlm = load_weights(self.cfg.model, self.cfg.lora)
         if self.cfg.preprocessing:  # the training data's, when it differs from the starting model's
             self.vlm.preprocessing = load_preprocessing(self.cfg.preprocessing)
+        self.vlm.volumes = stage_volumes(self.vlm, self.cfg.volume_tokens, self.cfg.volume_specs)
         self.base = self.vlm.model  # the transformers model under any wrapper: what FLOPs are counted on
 
     def setup_accelerator(self) -> None:
@@ -437,6 +475,7 @@ class StageRecipe:
                 lora=cfg.lora,
                 base=cfg.model,
                 preprocessing=self.vlm.preprocessing,
+                volumes=self.vlm.volumes,
             )
         if acc.is_main_process:
             (cfg.output_dir / "history.json").write_text(json.dumps(self.history))

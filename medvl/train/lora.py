@@ -11,7 +11,7 @@ from accelerate import PartialState
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from medvl.model.build import VLM, load_preprocessing
+from medvl.model.build import VLM, load_preprocessing, load_volumes
 from medvl.train.config import Lora
 
 # The linear layers of a decoder block (Llama, Qwen2, Mistral, InternLM2 ports) and of a CLIP/SigLIP
@@ -80,6 +80,7 @@ def load_4bit(folder: Path, lora: Lora) -> VLM:
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=False),
         processor,
         load_preprocessing(folder),
+        load_volumes(folder),
     )
 
 
