@@ -73,12 +73,22 @@ def ui(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     port: int = typer.Option(7860),
     max_new_tokens: int = typer.Option(256, help="Longest answer, in tokens."),
+    max_volume_mb: float = typer.Option(32.0, help="Largest scan, in MiB, compressed and unpacked."),
+    volume_tokens: int = typer.Option(None, help=VOLUME_TOKENS_HELP),
 ) -> None:
-    """Web demo (Gradio): upload a PNG, JPEG or DICOM image and chat about it."""
+    """Web demo (Gradio): upload a PNG, JPEG or DICOM image, or a scan (NIfTI, zipped DICOM series), and
+    chat about it."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
     from medvl.model.build import load
     from medvl.serve.ui import launch
 
-    app = launch(load(model), host=host, port=port, max_new_tokens=max_new_tokens)
+    app = launch(
+        load(model),
+        host=host,
+        port=port,
+        max_new_tokens=max_new_tokens,
+        volume_tokens=volume_tokens,
+        max_volume_bytes=int(max_volume_mb * 2**20),
+    )
     typer.echo(f"web demo at http://{host}:{port}  (Ctrl-C stops it)")
     app.block_thread()
