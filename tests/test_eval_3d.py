@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from medvl.cli import app
 from medvl.eval.benchmarks import BenchmarkError, load_benchmark, volume_images
-from medvl.eval.harness import _images, as_answerer
+from medvl.eval.harness import _images, answerer_volumes, as_answerer, evaluate, volume_budget
 from medvl.imaging import VolumeSpec, content_hash, slab_count, volume_slabs
 from medvl.synth import benchmark3d as b3
 from medvl.synth.phantom import LESION_LABEL, make_phantom
@@ -209,16 +209,21 @@ def test_m3d_vqa_loader(tmp_path: Path) -> None:
         volume_images(items[0].volume, TINY_TOKENS)
 
 
-def test_ct_rate_vqa_loader(tmp_path: Path) -> None:
+def write_ct_scan(path: Path) -> Path:
+    """A small chest phantom in HU as a NIfTI file (read as CT by its air)."""
     import SimpleITK as sitk
 
-    shutil.copy(FIXTURES / "valid_vqa.json", tmp_path)
     p = make_phantom("chest", (16, 48, 48), np.random.default_rng(0), lesion=False)
     img = sitk.GetImageFromArray(p.hu)
     img.SetSpacing(tuple(float(s) for s in p.spacing[::-1]))
-    nested = tmp_path / "valid" / "valid_1" / "valid_1_a" / "valid_1_a_1.nii.gz"  # CT-RATE's layout
-    nested.parent.mkdir(parents=True)
-    sitk.WriteImage(img, str(nested))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+def test_ct_rate_vqa_loader(tmp_path: Path) -> None:
+    shutil.copy(FIXTURES / "valid_vqa.json", tmp_path)
+    nested = write_ct_scan(tmp_path / "valid" / "valid_1" / "valid_1_a" / "valid_1_a_1.nii.gz")  # CT-RATE's
     notes: list[str] = []
     items = load_benchmark("ct-rate-vqa", tmp_path, notes=notes)  # the folder: valid_vqa.json
     assert [(it.id, it.kind, it.answer) for it in items] == [
@@ -282,3 +287,28 @@ def test_medvl_eval_synth3d_end_to_end(tiny_model_dir: Path, synth3d: Path, tmp_
     assert sum(m["n"] for m in kinds.values()) == report["overall"]["n"] == len(rows) - missing
     md = (out / "report.md").read_text()
     assert "## By category" in md and "| lesion presence |" in md
+
+
+def test_a_model_reads_volume_questions_with_its_own_spec_and_budget(
+    tiny_model_dir: Path, synth3d: Path, tmp_path: Path
+) -> None:
+    from medvl.model.build import VOLUMES_FILE, VolumePreprocessing
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    own = VolumePreprocessing(volume_tokens=3 * TINY_TOKENS, specs=(b3.SPEC,))  # 3 slabs, synthetic-3d's spec
+    (model / VOLUMES_FILE).write_text(own.model_dump_json())
+    assert (
+        volume_budget(model) == 48
+        and volume_budget(model, 64) == 64
+        and volume_budget(tiny_model_dir) == 4096
+    )
+    volumes = answerer_volumes(as_answerer(model))
+    assert volumes == own
+    item = load_benchmark("synth3d", synth3d)[0]
+    assert len(_images(item, "image", 64, tokens_per_image=TINY_TOKENS, volumes=volumes)) == 3
+    # A scan through the model's CT spec: 64 x 64 sections (the default CT spec's are 256 x 256).
+    scan = volume_images(write_ct_scan(tmp_path / "scan.nii.gz"), TINY_TOKENS, volumes)
+    assert len(scan) == 3 and scan[0].size == (64, 64)
+    report = evaluate(model, "synth3d", synth3d, tmp_path / "out", limit=2, max_new_tokens=2, progress=False)
+    assert report["run"]["volume_tokens"] == 48 and report["overall"]["n"] == 2

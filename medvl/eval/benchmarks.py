@@ -29,11 +29,9 @@ from PIL import Image
 
 from medvl.imaging import (
     DEFAULT_PREPROCESSING,
-    DEFAULT_VOLUME_TOKENS,
     Preprocessing,
     is_scan,
     read_image,
-    scan_slabs,
     slab_count,
     volume_slabs,
 )
@@ -443,17 +441,22 @@ VOLUME_NPY = ".npy"
 
 
 def volume_images(
-    path: Path, tokens_per_image: int = DEFAULT_TOKENS_PER_IMAGE, budget: int = DEFAULT_VOLUME_TOKENS
+    path: Path, tokens_per_image: int = DEFAULT_TOKENS_PER_IMAGE, volumes=None
 ) -> list[Image.Image]:
-    """A question's volume -> the slabs of the slices route (docs/3d.md): K = `slab_count` for the
-    answerer's image tokens per slab and the volume budget. A stored array (.npy, :func:`stored_volume`)
-    is cut as it is, as training cuts curated volumes; a scan (NIfTI, a DICOM series as a folder or
-    .zip) is read and preprocessed by the default spec for its modality, as chat and the server do
-    (`medvl.imaging.scan_slabs`)."""
+    """A question's volume -> the slabs of the slices route (docs/3d.md), as the model reads a scan:
+    `volumes` is its `medvl.model.build.VolumePreprocessing` (`vlm.volumes`: its training volumes' spec
+    per modality and its volume budget; None: the default specs and budget). K = `slab_count` for the
+    answerer's image tokens per slab and that budget. A stored array (.npy, :func:`stored_volume`) is
+    cut as it is, as training cuts curated volumes; a scan (NIfTI, a DICOM series as a folder or .zip)
+    is read and preprocessed by the spec for its modality, as chat and the server do."""
+    if volumes is None:
+        from medvl.model.build import VolumePreprocessing
+
+        volumes = VolumePreprocessing()
     if path.suffix.lower() == VOLUME_NPY:
         array = stored_volume(path)
-        return volume_slabs(array, slab_count(array.shape[1], tokens_per_image, budget))
-    return scan_slabs(path, tokens_per_image, budget)
+        return volume_slabs(array, slab_count(array.shape[1], tokens_per_image, volumes.volume_tokens))
+    return volumes.slabs(path, tokens_per_image)
 
 
 def stored_volume(path: Path) -> np.ndarray:

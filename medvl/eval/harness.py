@@ -40,7 +40,7 @@ from medvl.eval.benchmarks import (
 )
 from medvl.eval.report import PRIMARY_BREAKDOWN, build_report, write_report
 from medvl.eval.scoring import judge_unresolved, read_predictions
-from medvl.imaging import DEFAULT_PREPROCESSING, DEFAULT_VOLUME_TOKENS, Preprocessing
+from medvl.imaging import DEFAULT_PREPROCESSING, Preprocessing
 from medvl.jobs import ENGINES, Step, run
 from medvl.llm import LLMClient, LLMError, image_data_url
 from medvl.prompts import MC_INSTRUCTION, SHORT_INSTRUCTION
@@ -71,6 +71,7 @@ class LocalModel:
         self.vlm, self.name = vlm, name
         self.image_size = vlm.model.config.vision_config.image_size  # as in training
         self.tokens_per_image = vlm.model.config.image_seq_length
+        self.volumes = vlm.volumes  # scans as the model reads them: its training volumes' spec and budget
         self.preprocessing = vlm.preprocessing  # DICOM files are read as the checkpoint says
 
     def answer(self, prompts: list[tuple[str, list[Image.Image]]], max_new_tokens: int) -> list[str]:
@@ -152,6 +153,24 @@ def as_answerer(model) -> Answerer:
     raise TypeError(f"model must be a folder, a VLM or an Answerer, not {type(model).__name__}")
 
 
+def answerer_volumes(answerer, volume_tokens: int | None = None):
+    """How `answerer` reads a volume question (`medvl.model.build.VolumePreprocessing`): a local model's
+    own (`vlm.volumes`), the default specs and budget for others; `volume_tokens` replaces the budget."""
+    from medvl.model.build import VolumePreprocessing
+
+    return (getattr(answerer, "volumes", None) or VolumePreprocessing()).with_tokens(volume_tokens)
+
+
+def volume_budget(model, volume_tokens: int | None = None) -> int:
+    """The image tokens a volume question's slabs take for `model` (a folder, a VLM or an Answerer):
+    `volume_tokens`, else the model's own (a folder's `volumes.json`)."""
+    if volume_tokens is None and isinstance(model, (str, Path)):
+        from medvl.model.build import load_volumes
+
+        return load_volumes(model).volume_tokens
+    return answerer_volumes(model, volume_tokens).volume_tokens
+
+
 def _image_source(n: int, variant: str) -> list[int]:
     """For each of `n` questions, the index of the question whose images it is shown: its own, or for
     "shuffled" another one (a rotation of a seeded shuffle, so nobody keeps their own when there are
@@ -170,10 +189,10 @@ def _images(
     size: int | None,
     preprocessing: Preprocessing = DEFAULT_PREPROCESSING,
     tokens_per_image: int = DEFAULT_TOKENS_PER_IMAGE,
-    volume_tokens: int = DEFAULT_VOLUME_TOKENS,
+    volumes=None,
 ) -> list[Image.Image]:
     if item.volume is not None:
-        images = volume_images(item.volume, tokens_per_image, volume_tokens)
+        images = volume_images(item.volume, tokens_per_image, volumes)
     else:
         images = item.load_images(size, preprocessing)
     return [Image.new("RGB", im.size) for im in images] if variant == "blank" else images
@@ -209,7 +228,7 @@ class AnswerStep(Step):
         max_new_tokens: int,
         config: dict,
         workers: int,
-        volume_tokens: int = DEFAULT_VOLUME_TOKENS,
+        volume_tokens: int | None = None,
     ) -> None:
         self.model, self.bench, self.variant = model, bench, variant
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
@@ -238,12 +257,14 @@ class AnswerStep(Step):
         preprocessing = getattr(answerer, "preprocessing", DEFAULT_PREPROCESSING)
         slab_tokens = getattr(answerer, "tokens_per_image", DEFAULT_TOKENS_PER_IMAGE)
         pairs: list[tuple[Item, Item]] = chunk["questions"]  # (question, item whose images it is shown)
+        # Only a chunk with volumes needs them (reading them imports medvl.model, i.e. torch).
+        volumes = answerer_volumes(answerer, self.volume_tokens) if any(s.volume for _, s in pairs) else None
         step = len(pairs) if isinstance(answerer, APIModel) else self.batch_size
         for start in range(0, len(pairs), step):
             batch = pairs[start : start + step]
             size = answerer.image_size
             prompts = [
-                (q.prompt(), _images(src, self.variant, size, preprocessing, slab_tokens, self.volume_tokens))
+                (q.prompt(), _images(src, self.variant, size, preprocessing, slab_tokens, volumes))
                 for q, src in batch
             ]
             texts = answerer.answer(prompts, self.max_new_tokens)
@@ -267,7 +288,7 @@ def predict(
     workers: int = 1,
     engine: str = "local",
     progress: bool = True,
-    volume_tokens: int = DEFAULT_VOLUME_TOKENS,
+    volume_tokens: int | None = None,
 ) -> list[dict]:
     """Answer the first `limit` of `items` (all by default) as a resumable job in
     `<path's folder>/jobs/<variant>/`, write their rows in order to `path`, and return them.
@@ -275,7 +296,8 @@ def predict(
     `items` is the whole benchmark: chunks are cut over it, so a run with a larger `limit` (or none)
     continues a smaller one. `config` (JSON-able: the model, benchmark and settings) is the job's
     fingerprint with the chunk size and decoding added; a folder made under another one is refused.
-    A question about a volume is shown its slabs, as many as `volume_tokens` pay for."""
+    A question about a volume is shown its slabs, as many as `volume_tokens` pay for (None: the model's
+    own budget)."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; one of {', '.join(ENGINES)}")
     if chunk < 1 or workers < 1:
@@ -385,7 +407,7 @@ def evaluate(
     engine: str = "local",
     chunk: int = DEFAULT_CHUNK,
     progress: bool = True,
-    volume_tokens: int = DEFAULT_VOLUME_TOKENS,
+    volume_tokens: int | None = None,
 ) -> dict:
     """Evaluate `model` (a folder, a VLM, or an :class:`APIModel`) on benchmark `bench` read from
     `data`; writes predictions and the report (JSON, Markdown, plot) to `out` and returns the report.
@@ -393,8 +415,9 @@ def evaluate(
     `judge` = (LLMClient, model name) resolves answers exact matching cannot; `train_split` (a file
     of the benchmark's format; SLAKE's train.json is found by itself) gives the majority and
     question-only baselines; `workers`/`engine`/`chunk` shard the run (module docstring); `volume_tokens`
-    is the image tokens a volume question's slabs may take. Questions the loader skipped (a 3D
-    benchmark's missing volumes) are counted in the report's `run.notes`."""
+    is the image tokens a volume question's slabs may take (default: the model's own, `volumes.json`).
+    Questions the loader skipped (a 3D benchmark's missing volumes) are counted in the report's
+    `run.notes`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
@@ -422,7 +445,7 @@ def evaluate(
     if notes:
         run_info["notes"] = notes
     if any(it.volume is not None for it in items):
-        run_info["volume_tokens"] = volume_tokens
+        volume_tokens = run_info["volume_tokens"] = volume_budget(model, volume_tokens)
     (out / "run.json").write_text(json.dumps(run_info, indent=2, ensure_ascii=False))
     prior_file = out / PRIOR_FILE
     if prior is not None:
