@@ -952,6 +952,7 @@ def test_real_sources_curate_with_their_splits(tmp_path, monkeypatch):
     assert json.loads(row["annotation"]) == {
         "exhaustive": True,
         "label_space": ["malignant", "normal or benign"],
+        "groups": {"malignant": "Disease Diagnosis", "normal or benign": "Disease Diagnosis"},
     }
     # The source's one pixel-identical train/test pair is kept and marked, not dropped.
     leaks = [r for r in by["breastmnist"] if r["duplicate_of"] and r["split"] == "test"]
@@ -976,7 +977,8 @@ def test_real_sources_curate_with_their_splits(tmp_path, monkeypatch):
         assert (
             slices and {r["split"] for r in slices} == {""} and {r["index_kind"] for r in slices} == {"slice"}
         )
-        assert json.loads(slices[0]["annotation"]) == {"exhaustive": True, "label_space": [label]}
+        ann = json.loads(slices[0]["annotation"])
+        assert (ann["exhaustive"], ann["label_space"], list(ann["groups"])) == (True, [label], [label])
         for r in slices:
             regions = json.loads(r["regions"])
             assert [g["label"] for g in regions] == ([label] if r["labels"] else [])
