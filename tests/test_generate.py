@@ -335,6 +335,36 @@ def test_negation_covers_a_list_and_never_comes_from_a_label(text, present, abse
     assert {t.lower() for t in found_absent} == {t.lower() for t in absent}
 
 
+def test_perception_asks_every_kind_with_distractors_from_the_gold_group():
+    """One multiple-choice item per kind of fact; a label's distractors are verified negatives of its own
+    clinical task (organs against organs, findings against findings), never a positive."""
+    groups = {
+        "Liver": "Organ Recognition",
+        "Spleen": "Organ Recognition",
+        "Bladder": "Organ Recognition",
+        "Liver Cancer": "Disease Diagnosis",
+        "Cyst": "Disease Diagnosis",
+    }
+    annotation = json.dumps({"exhaustive": True, "label_space": list(groups), "groups": groups})
+    f = fact_sheet(record(annotation=annotation))
+    assert f.groups == groups
+    from medvl.generate.template import perception_items
+
+    kinds = perception_items(f, seeded(0, f.record_id, "perception"))
+    assert {"modality", "body region", "present:Organ Recognition", "present:Disease Diagnosis"} <= set(kinds)
+    items = TemplateBackend().write(f, "perception", "en", seeded(0, f.record_id, "perception"))
+    assert len(items) == len(kinds)
+    by_question = {s["conversations"][0]["value"].split("\n")[1]: s for s in items}
+    organ = next(s for q, s in by_question.items() if "organ" in q or "anatomical" in q)
+    finding = next(s for q, s in by_question.items() if "finding" in q or "abnormality" in q)
+    assert sorted(organ["options"]) == ["bladder", "liver", "spleen"]
+    assert organ["conversations"][1]["value"] == "liver"
+    assert sorted(finding["options"]) == ["cyst", "liver cancer"]
+    assert finding["conversations"][1]["value"] == "liver cancer"
+    zh = TemplateBackend().write(f, "perception", "zh", seeded(0, f.record_id, "perception"))
+    assert [s["answer"] for s in zh] == [s["answer"] for s in items]  # same letters in both languages
+
+
 def test_language_id():
     assert lang_of("A CT image of the abdomen showing the liver and both kidneys.")[0] == "en"
     lang, prob = lang_of("这是一张腹部CT图像，图中可见肝脏和双肾。[12, 40, 300, 500]")

@@ -752,3 +752,21 @@ def test_judge_can_be_shown_the_image(tmp_path, judge_server):
     assert url.startswith("data:image/png;base64,")
     shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("L"))
     assert np.array_equal(shown, texture(0))
+
+
+def test_language_of_a_multiple_choice_sample_is_read_from_its_question():
+    """Option names are medical Latin ("nevus", "metastasis") that py3langid does not read as English;
+    the question decides, and a wrong-language question still fails."""
+    from medvl.quality.text import language_confidence
+
+    options = "\nA. retina\nB. metastasis\nC. nevus\nD. cyst"
+    prompt = "<image>\nWhat lies in the region [281, 555, 430, 695]?" + options
+    mc = {
+        "lang": "en",
+        "options": ["retina", "metastasis", "nevus", "cyst"],
+        "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": "cyst"}],
+    }
+    assert language_confidence(mc)[1] >= 0.8
+    assert language_confidence({**mc, "lang": "zh"})[1] < 0.01
+    free = {**mc, "options": None}
+    assert language_confidence(free)[1] < language_confidence(mc)[1]

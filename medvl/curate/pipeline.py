@@ -100,7 +100,15 @@ def build_record(card: Card, s: SourceImage) -> dict:
         "meta": json.dumps(s.meta, sort_keys=True),
         "preprocessing": card_preprocessing(card).model_dump_json(),
         "split": split,
-        "annotation": json.dumps({"exhaustive": card.exhaustive_labels, "label_space": space}),
+        "annotation": json.dumps(
+            {
+                "exhaustive": card.exhaustive_labels,
+                "label_space": space,
+                # Each label's clinical task: labels of one task (organs, findings, grades) are the
+                # alternatives of one question, so generated distractors come from the gold's own group.
+                "groups": {x: card.clinical_task_by_label.get(x, card.clinical_task) for x in space},
+            }
+        ),
         "regions": json.dumps(
             merge_regions([{**r, "label": relabel(r["label"], r["label"])} for r in s.regions])
         ),

@@ -25,7 +25,15 @@ Pair = tuple[str, str]  # (English, Chinese)
 
 # Perception: four options (OmniMedVQA's layout); distractors tried hardest first.
 N_OPTIONS = 4
-NEAR_MODALITIES = ("CT", "MR", "X-ray", "Ultrasound", "PET")
+# Modalities that look alike, the hard distractors of a modality question: grey-scale radiology, colour
+# photographs of a surface, stained or magnified cells, retinal scans.
+LOOKALIKE_MODALITIES: tuple[tuple[str, ...], ...] = (
+    ("CT", "MR", "X-ray", "Ultrasound", "PET"),
+    ("Fundus photography", "Dermoscopy", "Endoscopy", "Colposcopy"),
+    ("Histopathology", "Microscopy"),
+    ("OCT", "Infrared reflectance imaging", "Fundus photography"),
+)
+HARD_MODALITY_DISTRACTORS = 2  # look-alikes among the three distractors; the third from elsewhere
 NEAR_REGIONS = ("Head", "Neck", "Chest", "Abdomen", "Pelvis", "Spine")
 QUADRANTS = ("upper left", "upper right", "lower left", "lower right")
 ZH_QUADRANT = {"upper left": "左上", "upper right": "右上", "lower left": "左下", "lower right": "右下"}
@@ -492,6 +500,16 @@ PERCEPTION_QUESTIONS: dict[str, tuple[Pair, ...]] = {
         ("Which of the following is present in this image?", "下列哪一项出现在这张图像中？"),
         ("Which of these structures or findings can be seen?", "以下哪一项可以在图中看到？"),
     ),
+    # "present" questions by the clinical task of the labels offered
+    "Disease Diagnosis": (
+        ("Which finding is present in this image?", "这张图像中存在下列哪种病变？"),
+        ("Which abnormality can be seen in this image?", "图中可见下列哪种异常？"),
+    ),
+    "Organ Recognition": (
+        ("Which organ or structure is shown in this image?", "这张图像显示的是哪个器官或结构？"),
+        ("Which anatomical structure can be seen here?", "图中可见下列哪个解剖结构？"),
+    ),
+    "Lesion Grading": (("What is the grade of the lesion in this image?", "图中病变的分级是多少？"),),
     "box label": (("What lies in the region {box}?", "区域{box}中是什么？"),),
     "quadrant": (("In which part of the image is the {a}?", "{a}位于图像的哪个区域？"),),
     "count": (("How many {a} are in this image?", "图中有多少个{a}？"),),
@@ -506,21 +524,35 @@ def _overlap(a: Sequence[int], b: Sequence[int]) -> float:
     return max(0, w) * max(0, h) / area
 
 
+def label_groups(facts: FactSheet) -> list[tuple[str, list[str], list[str]]]:
+    """(clinical task, positives, verified negatives) for each task of the record's positives that has a
+    negative: an organ's distractors are other organs, a grade's other grades (one group "" when the
+    source gives no tasks)."""
+    out = []
+    for g in dict.fromkeys(facts.groups.get(x, "") for x in facts.labels):
+        negatives = [x for x in facts.negatives if facts.groups.get(x, "") == g]
+        if negatives:
+            out.append((g, [x for x in facts.labels if facts.groups.get(x, "") == g], negatives))
+    return out
+
+
 def perception_items(facts: FactSheet, rng: np.random.Generator) -> dict[str, tuple[str, list[str], dict]]:
     """Multiple-choice items this record supports: kind -> (gold, distractors hardest first, format
     fields). Code picks the gold and the distractors: the gold is a fact of the sheet, every distractor
     is known to be wrong for this image."""
     items: dict[str, tuple[str, list[str], dict]] = {}
     if facts.modality:
-        near = [m for m in NEAR_MODALITIES if m != facts.modality]
-        rest = [m for m in MODALITIES if m not in near and m != facts.modality]
-        items["modality"] = (facts.modality, choose(rng, near, len(near)) + choose(rng, rest, len(rest)), {})
+        m = facts.modality
+        near = [x for g in LOOKALIKE_MODALITIES if m in g for x in g if x != m]
+        near = choose(rng, list(dict.fromkeys(near)), HARD_MODALITY_DISTRACTORS)
+        rest = choose(rng, [x for x in MODALITIES if x not in near and x != m], len(MODALITIES))
+        items["modality"] = (m, near + rest, {})
     if facts.body_region:
         near = [r for r in NEAR_REGIONS if r != facts.body_region]
         items["body region"] = (facts.body_region, choose(rng, near, len(near)), {})
-    if facts.labels and facts.negatives:
-        gold = facts.labels[int(rng.integers(len(facts.labels)))]
-        items["present"] = (gold, choose(rng, facts.negatives, len(facts.negatives)), {})
+    for group, positives, negatives in label_groups(facts):
+        gold = positives[int(rng.integers(len(positives)))]
+        items[f"present:{group}"] = (gold, choose(rng, negatives, len(negatives)), {"group": group})
     boxes = [(x, b) for x, b in facts.boxes if sum(lab == x for lab, _ in facts.boxes) == 1]
     if boxes:
         gold, box = boxes[int(rng.integers(len(boxes)))]
@@ -558,28 +590,29 @@ def option_text(kind: str, value: str, lang: str) -> str:
 
 
 def perception(facts: FactSheet, lang: str, rng: np.random.Generator) -> list[dict]:
-    items = perception_items(facts, rng)
-    if not items:
-        return []
-    kinds = list(items)
-    kind = kinds[int(rng.integers(len(kinds)))]
-    gold, pool, fields = items[kind]
-    opts = [gold, *pool[: N_OPTIONS - 1]]
-    opts = [opts[int(i)] for i in rng.permutation(len(opts))]  # the gold's letter is uniform: letters balance
-    letter = "ABCDEFGHI"[opts.index(gold)]
-    shown = [option_text(kind, o, lang) for o in opts]
-    names = {k: (term(v, lang) if k == "a" else v) for k, v in fields.items()}
-    if kind == "count" and lang == "en":
-        names["a"] = plural(fields["a"], 2)
-    question = pick(rng, PERCEPTION_QUESTIONS[kind], lang).format(**names)
-    options = lettered(shown)
-    return [
-        sample(
-            [(build_prompt(question, options), mc_answer(letter, options[letter]))],
-            options=shown,
-            answer=letter,
+    """One multiple-choice sample per kind of fact the record supports (modality, region, each clinical
+    task's labels, box, quadrant, count), as GMAI-VL's perception data asks several things of one image."""
+    out = []
+    for kind, (gold, pool, fields) in perception_items(facts, rng).items():
+        opts = [gold, *pool[: N_OPTIONS - 1]]
+        opts = [opts[int(i)] for i in rng.permutation(len(opts))]  # the gold's letter is uniform: balanced
+        letter = "ABCDEFGHI"[opts.index(gold)]
+        base = kind.split(":")[0]
+        shown = [option_text(base, o, lang) for o in opts]
+        names = {k: (term(v, lang) if k == "a" else v) for k, v in fields.items()}
+        if kind == "count" and lang == "en":
+            names["a"] = plural(fields["a"], 2)
+        questions = PERCEPTION_QUESTIONS.get(fields.get("group", ""), PERCEPTION_QUESTIONS[base])
+        question = pick(rng, questions, lang).format(**names)
+        options = lettered(shown)
+        out.append(
+            sample(
+                [(build_prompt(question, options), mc_answer(letter, options[letter]))],
+                options=shown,
+                answer=letter,
+            )
         )
-    ]
+    return out
 
 
 def text_items(facts: FactSheet, lang: str) -> list[Pair]:

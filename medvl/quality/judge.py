@@ -86,17 +86,21 @@ _NO = re.compile(r"^\s*(no|not|否|没有|无)\b", re.IGNORECASE)
 _PERCENT = re.compile(r"(\d+(?:\.\d+)?)\s*%")
 
 
+# One pattern per modality, compiled once: English words whole, Chinese ones anywhere.
+_MODALITY_PATTERNS = {
+    modality: re.compile(
+        "|".join(
+            rf"(?<![a-z0-9-]){re.escape(w)}(?![a-z0-9-])" if re.search(r"[a-z]", w) else re.escape(w)
+            for w in words
+        )
+    )
+    for modality, words in MODALITY_WORDS.items()
+}
+
+
 def _modality_words(text: str) -> set[str]:
     low = text.lower()
-    found = set()
-    for modality, words in MODALITY_WORDS.items():
-        for w in words:
-            pattern = (
-                rf"(?<![a-z0-9-]){re.escape(w)}(?![a-z0-9-])" if re.search(r"[a-z]", w) else re.escape(w)
-            )
-            if re.search(pattern, low):
-                found.add(modality)
-    return found
+    return {modality for modality, pattern in _MODALITY_PATTERNS.items() if pattern.search(low)}
 
 
 def rule_checks(sample: dict, facts: dict) -> tuple[int, str]:
