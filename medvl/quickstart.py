@@ -1,8 +1,11 @@
 """`medvl quickstart`: the whole pipeline on embedded synthetic data, on a CPU, in minutes.
 
-synthesize data -> instructions -> pretrain the tiny parts -> assemble from parts -> stages I, II,
-III -> evaluate stage I and stage III on a held-out multiple-choice benchmark (five OmniMedVQA
-question types) -> report (Markdown, JSON, loss plot) -> how to chat with the result.
+It runs the commands a user runs on real data, in order: `synth` (labelled images + a dataset card +
+a held-out benchmark) -> `curate` -> `generate` (template backend, six formats, English and Chinese)
+-> `quality` (five dimensions; the benchmark's images are kept out of training) -> `mix` (one mixture
+per stage) -> pretrain the tiny parts -> assemble -> stages I, II, III -> evaluate stage I and stage III
+on the held-out multiple-choice benchmark (five OmniMedVQA question types) -> report (Markdown, JSON,
+loss plot) -> how to chat with the result.
 """
 
 from __future__ import annotations
@@ -17,12 +20,89 @@ from medvl import RESEARCH_ONLY
 
 # Shipped as package data, so `medvl quickstart` runs from any folder after a plain `pip install`.
 CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "quickstart"
+MIXES = ("stage1", "stage2", "stage3")
 
-# Sizes for the default run (about 10 minutes on 2 CPU cores); `--small` is the test configuration.
+# Sizes for the default run (about 14 minutes on 2 idle CPU cores); `--small` is the test configuration.
 SIZES = {
     "default": dict(n_train=2400, n_bench=300, llm_steps=200, vision_steps=300, stage_steps=(60, 60, 240)),
     "small": dict(n_train=64, n_bench=24, llm_steps=20, vision_steps=20, stage_steps=(2, 2, 4)),
 }
+# Worker processes of the data jobs (curate, generate, quality): the 2 cores the quickstart is sized for.
+WORKERS = 2
+
+
+def prepare_data(out: Path, size: str = "default", seed: int = 0, log=print) -> dict:
+    """Steps 1-5: synthetic images -> curated records -> generated samples -> quality -> stage mixtures.
+    Returns the paths the training steps read."""
+    from medvl.curate.card import load_card
+    from medvl.curate.pipeline import curate
+    from medvl.data.mix import mix
+    from medvl.generate.pipeline import generate
+    from medvl.generate.template import TemplateBackend
+    from medvl.quality.config import load_thresholds
+    from medvl.quality.pipeline import quality
+    from medvl.synth.benchmark import write_quickstart_dataset
+
+    sz = SIZES[size]
+    out = Path(out)
+    log("1/9 synth: labelled images, their dataset card and the held-out benchmark")
+    paths = write_quickstart_dataset(out / "data", sz["n_train"], sz["n_bench"], seed=seed)
+    log("2/9 curate: the synthetic set by its card, like any source")
+    cur = curate([load_card(paths["card"])], out / "curated", workers=WORKERS)
+    log(f"  {cur['counts']['kept']} records")
+    log("3/9 generate: six formats in English and Chinese from the training split (template backend)")
+    gen = generate([out / "curated"], out / "generated", TemplateBackend(), seed=seed, workers=WORKERS, zh_share=float(__import__("os").environ.get("QS_ZH", "0.3")))
+    log(f"  {gen['kept']} samples kept, {gen['rejected']} rejected by validation")
+    log("4/9 quality: five dimensions; the benchmark's images never reach training")
+    q = quality(
+        [out / "generated"],
+        out / "quality",
+        load_thresholds(CONFIG_DIR / "quality.yaml"),
+        benchmarks=[paths["bench_tsv"]],
+        workers=WORKERS,
+    )
+    log(f"  {q['counts']['kept']} kept, {q['counts']['rejected']} rejected")
+    log("5/9 mix: one mixture per stage")
+    for name in MIXES:
+        m = mix(CONFIG_DIR / f"mix_{name}.yaml", out / "mix", base_dir=out)
+        log(f"  {name}: {m['total']} samples")
+    return {**paths, **{name: out / "mix" / f"mix_{name}.json" for name in MIXES}}
+
+
+# The formats whose text the tiny LM pretrains on: those that name what an image shows in few words.
+CORPUS_FORMATS = ("caption", "region", "perception", "text")
+
+
+def corpus_lines(samples: list[dict]) -> list[str]:
+    """The tiny LM's pretraining text, standing in for what a pretrained LLM brings to stage I: one line
+    per caption, region caption, multiple-choice and text-only sample (its turns joined, the image token
+    left out) and, for each multiple-choice sample, a second line that puts its record's caption (same
+    language) before the question, so that the LM learns to answer from a description of the image;
+    stages I-III then only have to make the image read like one."""
+    from medvl.prompts import IMAGE_TOKEN
+
+    def line(s: dict) -> str:
+        return " ".join(t["value"].replace(IMAGE_TOKEN, "").strip() for t in s["conversations"]).replace(
+            "\n", " "
+        )
+
+    def key(s: dict) -> tuple[str, str]:
+        return (s.get("provenance") or {}).get("record_id", ""), str(s.get("lang"))
+
+    captions: dict[tuple[str, str], str] = {}
+    for s in samples:
+        if s.get("format") == "caption":
+            captions.setdefault(key(s), s["conversations"][-1]["value"])
+    lines = []
+    for s in samples:
+        if s.get("format") not in CORPUS_FORMATS:
+            continue
+        lines.append(line(s))
+        caption = captions.get(key(s)) if s.get("format") == "perception" else None
+        if caption:
+            shows = "图像显示：" if s.get("lang") == "zh" else "The image shows:"
+            lines.append(f"{shows} {caption} {line(s)}")
+    return lines
 
 
 def run_quickstart(out: Path, size: str = "default", seed: int = 0, log=print) -> dict:
@@ -30,7 +110,6 @@ def run_quickstart(out: Path, size: str = "default", seed: int = 0, log=print) -
     from medvl.model.build import build_from_parts, load_preset
     from medvl.model.tokenizer import train_tokenizer
     from medvl.records import read_rows
-    from medvl.synth.templates import build_quickstart_data
     from medvl.train.config import load_config
     from medvl.train.loop import run_stages
     from medvl.train.pretrain import pretrain_llm, pretrain_vision
@@ -46,27 +125,26 @@ def run_quickstart(out: Path, size: str = "default", seed: int = 0, log=print) -
         log(f"[{name}] done in {timings[name]:.0f}s")
         t = time.perf_counter()
 
-    log("1/7 synthesizing labelled images and template instructions")
-    paths = build_quickstart_data(out / "data", sz["n_train"], sz["n_bench"], seed=seed)
-    lap("synthesize")
+    paths = prepare_data(out, size, seed, log)
+    lap("data")
 
-    log("2/7 training the tokenizer and pretraining the tiny language model on the generated text")
+    log("6/9 training the tokenizer and pretraining the tiny language model on the stage III text")
     spec = load_preset("tiny")
-    corpus = Path(paths["corpus"]).read_text(encoding="utf-8").splitlines()
+    corpus = corpus_lines(read_rows(paths["stage3"]))
     tokenizer = train_tokenizer(corpus, spec.tokenizer_vocab_size)
     llm_losses = pretrain_llm(
         spec, tokenizer, corpus, out / "parts" / "llm", steps=sz["llm_steps"], seed=seed, log=log
     )
     lap("pretrain_llm")
 
-    log("3/7 pretraining the tiny vision tower on the image labels")
+    log("7/9 pretraining the tiny vision tower on the image labels (training images only)")
     records = read_rows(Path(paths["records"]))
     vision_losses = pretrain_vision(
         spec, records, out / "data", out / "parts" / "vision", steps=sz["vision_steps"], seed=seed, log=log
     )
     lap("pretrain_vision")
 
-    log("4/7 assembling the model from the pretrained parts (the path real weights take)")
+    log("8/9 assembling the model from the pretrained parts (the path real weights take)")
     vlm = build_from_parts(
         str(out / "parts" / "vision"),
         str(out / "parts" / "llm"),
@@ -76,7 +154,7 @@ def run_quickstart(out: Path, size: str = "default", seed: int = 0, log=print) -
     vlm.save(out / "base")
     lap("assemble")
 
-    log("5/7 training stages I, II, III")
+    log("9/9 training stages I, II, III, then evaluating stage I and stage III on the benchmark")
     cfgs = [
         load_config(CONFIG_DIR / f"stage{i}.yaml", base_dir=out, max_steps=steps)
         for i, steps in enumerate(sz["stage_steps"], 1)
@@ -85,13 +163,11 @@ def run_quickstart(out: Path, size: str = "default", seed: int = 0, log=print) -
     histories = {cfg.stage: json.loads((cfg.output_dir / "history.json").read_text()) for cfg in cfgs}
     lap("stages I-III")
 
-    log("6/7 evaluating stage I and stage III on the held-out multiple-choice benchmark")
     results = {}
     for name, folder in (("after stage I", finals[0]), ("after stage III", finals[2])):
         results[name] = evaluate(str(folder), "mc", Path(paths["bench_tsv"]), out / "eval" / name.split()[-1])
     lap("evaluate")
 
-    log("7/7 writing the report")
     report = make_report(out, results, histories, {"llm": llm_losses, "vision": vision_losses}, timings)
     return report
 
@@ -165,7 +241,7 @@ def make_report(out: Path, results: dict, histories: dict, pretrain: dict, timin
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), help="Folder for data, parts, checkpoints and report."),
     size: str = typer.Option(
-        "default", help="'default' (about 10 min on 2 CPU cores) or 'small' (a smoke run)."
+        "default", help="'default' (about 14 min on 2 CPU cores) or 'small' (a smoke run)."
     ),
     seed: int = typer.Option(0),
 ) -> None:

@@ -1127,12 +1127,11 @@ def test_split_lists_patterns_and_precedence(tmp_path):
 
 def test_synthetic_images_curate_by_their_card(tmp_path):
     """The card medvl synth writes beside its images curates them like any source."""
-    from medvl.synth.dataset import write_card as write_synth_card
-    from medvl.synth.templates import build_quickstart_data
+    from medvl.synth.benchmark import write_quickstart_dataset
 
     data = tmp_path / "data"
-    paths = build_quickstart_data(data, n_train=30, n_bench=12, seed=3, size=64)
-    card = load_card(write_synth_card(data))
+    paths = write_quickstart_dataset(data, n_train=30, n_bench=12, seed=3, size=64)
+    card = load_card(paths["card"])
     out = tmp_path / "curated"
     report = curate([card], out, workers=1)
     assert_balanced(report, out)

@@ -1,8 +1,10 @@
-"""Pinned losses: the shipped quickstart stage configs, run for a few steps from a fixed seed on small
-synthesized data and the tiny preset's random-weight model, give the per-step losses measured when
+"""Pinned losses: the shipped quickstart stage configs, run for a few steps from a fixed seed on the
+quickstart's small data (synthesized, curated, generated, quality-filtered and mixed) and the tiny
+preset's random-weight model, give the per-step losses measured when
 this test was written (CPU, fp32, one thread).
 
-Any change to what a step computes moves them: the loss or its normalisation, the data order,
+Any change to what a step computes moves them: the generated data (templates, validation, quality
+thresholds, mixtures), the loss or its normalisation, the data order,
 batching, tokenization, the optimizer, the learning-rate schedule, the model code. A change that is
 meant to move them re-measures them with this test (the failure prints the new values) and pins those.
 """
@@ -18,8 +20,8 @@ import torch
 
 from medvl.model.build import build_preset, load_preset
 from medvl.model.tokenizer import train_tokenizer
-from medvl.quickstart import CONFIG_DIR, SIZES
-from medvl.synth.templates import build_quickstart_data
+from medvl.quickstart import CONFIG_DIR, corpus_lines, prepare_data
+from medvl.records import read_rows
 from medvl.train.config import load_config
 from medvl.train.loop import run_stages
 
@@ -27,9 +29,9 @@ STEPS = 5
 # measured with `pytest -p no:randomly tests/test_pinned_losses.py`: the same to the last digit in two
 # runs; two threads without deterministic kernels moved them by less than 1e-6 (relative)
 PINNED = {
-    "stage1": [7.332727, 7.150653, 7.085776, 7.049040, 7.013744],
-    "stage2": [7.005702, 6.976753, 6.945640, 6.941258, 6.921583],
-    "stage3": [6.949893, 6.623996, 6.300855, 6.283409, 6.130547],
+    "stage1": [7.729318, 7.546030, 7.431335, 7.387603, 7.337865],
+    "stage2": [7.372967, 7.306539, 7.259891, 7.256892, 7.235609],
+    "stage3": [7.340086, 7.048568, 6.815699, 6.538279, 6.510424],
 }
 
 pytestmark = pytest.mark.skipif(
@@ -55,9 +57,8 @@ def deterministic_cpu():
 def quickstart_root(tmp_path_factory) -> Path:
     """The quickstart's data at its small size, its tokenizer, and the tiny preset's random model."""
     root = tmp_path_factory.mktemp("pinned")
-    size = SIZES["small"]
-    paths = build_quickstart_data(root / "data", size["n_train"], size["n_bench"], seed=0)
-    corpus = Path(paths["corpus"]).read_text(encoding="utf-8").splitlines()
+    paths = prepare_data(root, "small", seed=0, log=lambda *_: None)
+    corpus = corpus_lines(read_rows(paths["stage3"]))
     tokenizer = train_tokenizer(corpus, load_preset("tiny").tokenizer_vocab_size)
     build_preset("tiny", tokenizer=tokenizer, seed=0).save(root / "base")
     return root

@@ -1,21 +1,29 @@
-"""End to end: the quickstart pipeline in its smallest configuration (synthesize, pretrain parts,
-assemble from parts, stages I-III, evaluate, report)."""
+"""End to end: the quickstart pipeline in its smallest configuration (synthesize, curate, generate,
+quality, mix, pretrain parts, assemble from parts, stages I-III, evaluate, report)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import REPO, SHARED_DATA
+from PIL import Image
 
 from medvl.eval import evaluate, rescore
 from medvl.eval.harness import prediction_path
 from medvl.model.build import load
 from medvl.quickstart import run_quickstart
+from medvl.samples import FORMATS
 from medvl.vocab import OMNIMEDVQA_QUESTION_TYPES
+
+
+def pixels(path) -> str:
+    return hashlib.sha256(np.asarray(Image.open(path).convert("RGB")).tobytes()).hexdigest()
 
 
 def test_quickstart_small_runs_the_whole_pipeline(tmp_path):
@@ -37,6 +45,18 @@ def test_quickstart_small_runs_the_whole_pipeline(tmp_path):
         assert (out / "parts" / part / "config.json").exists()
     final = load(out / "stage3" / "final")
     assert final.model.config.image_token_id == final.tokenizer.convert_tokens_to_ids("<image>")
+    # The data came through the user's commands, each accounting for every item, and no image of the
+    # benchmark reached training.
+    gen = json.loads((out / "generated" / "report.json").read_text())
+    assert gen["read"] == gen["kept"] + gen["rejected"] + gen["quarantined"] and gen["kept"] > 0
+    q = json.loads((out / "quality" / "report.json").read_text())["counts"]
+    assert q["read"] == q["kept"] + q["rejected"] + q.get("quarantined", 0) and q["read"] == gen["kept"]
+    stage3 = json.loads((out / "mix" / "mix_stage3.json").read_text())
+    assert len(stage3) == q["kept"] and {s["format"] for s in stage3} == set(FORMATS)
+    trained = {pixels(out / "mix" / s["image"]) for s in stage3 if "image" in s}
+    bench = {pixels(p) for p in (out / "data" / "images").glob("bench_*.png")}
+    assert trained and bench and not trained & bench
+
     results = report["results"]["after stage III"]
     n = results["overall"]["n"]
     assert n == sum(g["n"] for g in results["breakdowns"]["category"].values()) > 0
@@ -65,13 +85,20 @@ def test_installed_quickstart_passes_its_checks_from_an_empty_folder(tmp_path):
     subprocess.run([*pip, "install", "--no-deps", "--target", site, wheel], check=True)
     env = {**os.environ, "PYTHONPATH": str(site)}
     where = subprocess.run(
-        [sys.executable, "-c", "import medvl; print(medvl.__file__)"], env=env, cwd=work,
-        capture_output=True, text=True, check=True,
+        [sys.executable, "-c", "import medvl; print(medvl.__file__)"],
+        env=env,
+        cwd=work,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert where.stdout.startswith(str(site)), where.stdout  # the installed copy, not the checkout
     proc = subprocess.run(
-        [sys.executable, "-m", "medvl.cli", "quickstart", "--out", "qs"], env=env, cwd=work,
-        capture_output=True, text=True,
+        [sys.executable, "-m", "medvl.cli", "quickstart", "--out", "qs"],
+        env=env,
+        cwd=work,
+        capture_output=True,
+        text=True,
     )
     report = json.loads((work / "qs" / "report.json").read_text())
     print((work / "qs" / "report.md").read_text())  # the figures, in CI's log

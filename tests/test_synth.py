@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -15,8 +14,8 @@ from PIL import Image
 
 from medvl.imaging import CT_WINDOWS as WINDOWS
 from medvl.imaging import window
-from medvl.prompts import IMAGE_TOKEN, MC_INSTRUCTION
 from medvl.records import read_rows
+from medvl.synth.benchmark import mc_benchmark, write_quickstart_dataset
 from medvl.synth.dataset import write_synthetic
 from medvl.synth.images import (
     ANATOMIES,
@@ -33,8 +32,7 @@ from medvl.synth.images import (
     synthesize,
 )
 from medvl.synth.phantom import LABELS, LESION_KINDS, LESION_LABEL, make_phantom
-from medvl.synth.templates import LETTERS, build_quickstart_data, mc_benchmark, mc_questions
-from medvl.vocab import DEPARTMENTS, MODALITIES, OMNIMEDVQA_QUESTION_TYPES
+from medvl.vocab import DEPARTMENTS, MODALITIES
 
 # Expected HU range of every labelled structure (noise included).
 HU_RANGES = {
@@ -233,68 +231,26 @@ def test_records_vocabulary_and_balance(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("qs")
-    return out, build_quickstart_data(out, n_train=36, n_bench=18, seed=1, size=64)
+    return out, write_quickstart_dataset(out, n_train=36, n_bench=18, seed=1, size=64)
 
 
-def test_quickstart_layout_and_llava_format(quick) -> None:
+def test_quickstart_dataset_layout(quick, tmp_path) -> None:
+    """Images, two record tables, the card and the benchmark; no training data (that is generated from
+    the curated images); the same arguments give the same bytes."""
     out, paths = quick
     assert {p.relative_to(out).as_posix() for p in paths.values()} == {
         "images",
         "records.jsonl",
         "bench_records.jsonl",
-        "train/captions.json",
-        "train/instruct.json",
-        "text/corpus.txt",
+        "synthetic.yaml",
         "bench/synth_mc.tsv",
     }
     train, bench = read_rows(paths["records"]), read_rows(paths["bench_records"])
     assert not {r["id"] for r in train} & {r["id"] for r in bench}
     assert len(list(paths["images"].glob("*.png"))) == 36 + 18
-    caps = json.loads(paths["captions"].read_text())
-    inst = json.loads(paths["instruct"].read_text())
-    assert all("image" in s for s in caps)
-    assert {s["image"] for s in inst if "image" in s} <= {r["image"] for r in train}  # no benchmark leak
-    assert any("image" not in s for s in inst)
-    for s in inst:
-        conv = s["conversations"]
-        assert len(conv) >= 2 and len(conv) % 2 == 0
-        assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
-        n_tok = sum(t["value"].count(IMAGE_TOKEN) for t in conv)
-        if "image" in s:
-            assert n_tok == 1 and conv[0]["value"].startswith(IMAGE_TOKEN + "\n")
-            assert (out / s["image"]).is_file()
-        else:
-            assert n_tok == 0
-        assert all(t["value"].strip() for t in conv)
-    assert any(len(s["conversations"]) >= 6 for s in inst)  # 3-turn dialogues exist
-    lines = paths["corpus"].read_text().splitlines()
-    assert len(lines) > 36 and all(line.strip() for line in lines)
-    assert any("pleural effusion" in line for line in lines) and any("Hounsfield" in line for line in lines)
-
-
-def test_mc_questions_answer_points_at_label(quick) -> None:
-    out, paths = quick
-    train = read_rows(paths["records"])
-    by_id = {r["id"]: r for r in train}
-    samples = mc_questions(train, np.random.default_rng(0))
-    assert {s["category"] for s in samples} == set(OMNIMEDVQA_QUESTION_TYPES)
-    for s in samples:
-        prompt, answer = s["conversations"][0]["value"], s["conversations"][1]["value"]
-        lines = prompt.split("\n")
-        assert lines[0] == IMAGE_TOKEN and lines[-1] == MC_INSTRUCTION
-        opts = {ln[0]: ln[3:] for ln in lines[2:-1]}
-        assert list(opts) == list(LETTERS[: len(opts)]) and len(set(opts.values())) == len(opts) >= 3
-        # The answer is exactly one option's text (see medvl.prompts.mc_answer).
-        assert [t for t in opts.values() if t in answer] == [answer]
-        rec = by_id[s["id"].rsplit("_", 1)[0]]
-        truth = {
-            "Modality Recognition": rec["modality"],
-            "Anatomy Identification": rec["anatomy"],
-            "Disease Diagnosis": rec["finding"],
-            "Lesion Grading": f"grade {rec['grade']}",
-            "Other Biological Attributes": rec["location"],
-        }[s["category"]]
-        assert answer == truth
+    again = write_quickstart_dataset(tmp_path, n_train=36, n_bench=18, seed=1, size=64)
+    for key in ("records", "bench_records", "card", "bench_tsv"):
+        assert again[key].read_bytes() == paths[key].read_bytes(), key
 
 
 def test_benchmark_rows_and_tsv_roundtrip(quick) -> None:

@@ -802,7 +802,15 @@ def prepare(
         from .pipeline import GenerateStep
 
         with tempfile.TemporaryDirectory() as tmp:
-            shadow = GenerateStep(backend, tmp, step.formats, step.zh_share, step.seed)
+            shadow = GenerateStep(
+                backend,
+                tmp,
+                step.formats,
+                step.zh_share,
+                step.seed,
+                run_modalities=step.run_modalities,
+                run_regions=step.run_regions,
+            )
             root, backend.image_root = backend.image_root, Path(tmp)
             try:
                 echo(backend.estimate(*backend.pending(shadow, items)).summary())

@@ -13,26 +13,20 @@ def synth(
     seed: int = typer.Option(0, help="Random seed; the same seed gives byte-identical files."),
     size: int = typer.Option(128, help="Image side in pixels."),
 ) -> None:
-    """Write the embedded synthetic data set (images, instruction data, LM corpus, MC benchmark) and its
-    dataset card (synthetic.yaml, for `medvl curate`); no download.
+    """Write the embedded synthetic data set: labelled images, their records, the dataset card
+    (synthetic.yaml, for `medvl curate`) and the held-out multiple-choice benchmark (a VLMEvalKit TSV);
+    no download. Instruction data comes from `medvl curate` + `medvl generate`, as for real data.
 
     Six modalities (X-ray, CT from 3D HU phantoms, MR, fundus, dermoscopy, histopathology) with labels for
     modality, region, anatomy, department, finding, bbox, grade and location.
     """
-    import json
-
-    from medvl.synth.dataset import write_card
-    from medvl.synth.templates import build_quickstart_data
+    from medvl.synth.benchmark import write_quickstart_dataset
 
     t0 = time.perf_counter()
-    paths = build_quickstart_data(out, n_train, n_bench, seed, size)
-    paths["card"] = write_card(out)
+    paths = write_quickstart_dataset(out, n_train, n_bench, seed, size)
     counts = {
         "train images": sum(1 for _ in paths["records"].open()),
         "bench images": sum(1 for _ in paths["bench_records"].open()),
-        "caption samples": len(json.loads(paths["captions"].read_text())),
-        "instruct samples": len(json.loads(paths["instruct"].read_text())),
-        "corpus lines": sum(1 for _ in paths["corpus"].open()),
         "bench questions": sum(1 for _ in paths["bench_tsv"].open()) - 1,
     }
     typer.echo(f"medvl synth: wrote {out} in {time.perf_counter() - t0:.1f}s")
@@ -40,3 +34,4 @@ def synth(
         typer.echo(f"  {k:<18} {v}")
     for k, p in paths.items():
         typer.echo(f"  {k:<18} {p}")
+    typer.echo(f"Next: medvl curate --card {paths['card']} --out <curated>")

@@ -81,7 +81,7 @@ GRADE_LABEL = "grade {}"  # the grade is a label of its own, so generated text c
 
 
 def card(name: str = "synthetic") -> dict:
-    """The dataset card of a folder written by `build_quickstart_data` (or `write_synthetic` with
+    """The dataset card of a folder written by `write_quickstart_dataset` (or `write_synthetic` with
     prefixes "train" and "bench"): every ``*records.jsonl`` table, labels anatomy + finding + grade."""
     departments = {REGIONS[r]: spec.department for m in SPECS.values() for r, spec in m.items()}
     findings = [f for f in FINDINGS if f != NO_FINDING]
@@ -129,7 +129,7 @@ CARD_HEADER = f"""\
 
 
 def write_card(out_dir: str | Path, name: str = "synthetic") -> Path:
-    """Write the card (`CARD_NAME`) into the folder `build_quickstart_data` wrote; returns its path."""
+    """Write the card (`CARD_NAME`) into a folder of synthetic images; returns its path."""
     import yaml
 
     path = Path(out_dir) / CARD_NAME
