@@ -18,6 +18,7 @@ Prompt pieces (image token, multiple-choice layout, option letters, box syntax) 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -25,6 +26,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from functools import cache
+from pathlib import Path
 
 from medvl.errors import InputError
 from medvl.prompts import IMAGE_TOKEN, MC_INSTRUCTION, OPTION_LETTERS, box_1000, format_box, mc_answer
@@ -743,3 +745,23 @@ def validate(sample: dict, facts: FactSheet, original: dict | None = None) -> li
     if sample["lang"] == "zh" and original is not None and not _zh_matches(sample, original):
         reasons.append("zh mismatch")
     return reasons
+
+
+# ----------------------------------------------------------------------------------- benchmark files
+
+TSV_COLUMNS = ("index", "image", "question", "A", "B", "C", "D", "answer", "category")
+
+
+def write_vlmeval_tsv(rows: list[dict], root: str | Path, path: str | Path) -> Path:
+    """Write ``rows`` as a VLMEvalKit TSV; ``image`` becomes the base64 of the PNG file under ``root``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8", newline="") as f:
+        f.write("\t".join(TSV_COLUMNS) + "\n")
+        for row in rows:
+            vals = dict(row, image=base64.b64encode((Path(root) / row["image"]).read_bytes()).decode("ascii"))
+            cells = [str(vals.get(c, "")) for c in TSV_COLUMNS]
+            if any(("\t" in c or "\n" in c) for c in cells):
+                raise ValueError(f"tab or newline in benchmark row {row['index']}")
+            f.write("\t".join(cells) + "\n")
+    return path

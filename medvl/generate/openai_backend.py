@@ -303,7 +303,7 @@ def assemble(p: Plan, data: dict, image: str | None) -> dict:
     if p.fmt != "text" and image is not None:
         sample["image"] = image
     if p.fmt == "perception":
-        sample["options"], sample["answer"] = list(options.values()), p.answer
+        sample["options"], sample["answer"], sample["kind"] = list(options.values()), p.answer, p.kind
     if p.fmt == "region":
         assert p.box is not None
         sample["box"] = list(p.box[1])

@@ -103,7 +103,7 @@ class GenerateStep(Step):
         if fmt != "text":
             s["image"] = f"images/{facts.image_sha256}.png"
         s["conversations"] = raw.get("conversations")
-        for key in ("options", "answer", "box"):
+        for key in ("options", "answer", "kind", "box"):
             if key in raw:
                 s[key] = raw[key]
         s["format"], s["lang"] = fmt, lang

@@ -620,6 +620,7 @@ def perception(facts: FactSheet, lang: str, rng: np.random.Generator) -> list[di
                 [(build_prompt(question, options), mc_answer(letter, options[letter]))],
                 options=shown,
                 answer=letter,
+                kind=kind,
             )
         )
     return out

@@ -3,19 +3,20 @@ quickstart's data folder: labelled images, their records, the dataset card `medv
 benchmark as a VLMEvalKit TSV.
 
 Training data is not written here: the quickstart curates these images by their card and generates its
-instruction data with `medvl generate`, the same path a user's real datasets take. The benchmark keeps
-its own question wording, so a model is tested on phrasings it was not trained on.
+instruction data with `medvl generate`, the same path a user's real datasets take. This benchmark keeps
+its own question wording, so a model is tested on phrasings it was not trained on (`medvl synth` writes
+it); the quickstart's benchmark is the engine's own multiple-choice items of the test split.
 """
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
 
 import numpy as np
 
 from medvl.prompts import OPTION_LETTERS
 from medvl.records import read_rows
+from medvl.samples import write_vlmeval_tsv
 from medvl.synth.dataset import write_card, write_synthetic
 from medvl.synth.images import ANATOMIES, FINDINGS, GEN_MODALITIES, NO_FINDING, QUADRANTS, SPECS
 from medvl.vocab import OMNIMEDVQA_QUESTION_TYPES
@@ -95,30 +96,13 @@ def mc_benchmark(records: list[dict], rng: np.random.Generator) -> list[dict]:
     return rows
 
 
-TSV_COLUMNS = ("index", "image", "question", "A", "B", "C", "D", "answer", "category")
-
-
-def write_vlmeval_tsv(rows: list[dict], root: str | Path, path: str | Path) -> Path:
-    """Write ``rows`` as a VLMEvalKit TSV; ``image`` becomes the base64 of the PNG file under ``root``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8", newline="") as f:
-        f.write("\t".join(TSV_COLUMNS) + "\n")
-        for row in rows:
-            vals = dict(row, image=base64.b64encode((Path(root) / row["image"]).read_bytes()).decode("ascii"))
-            cells = [str(vals.get(c, "")) for c in TSV_COLUMNS]
-            if any(("\t" in c or "\n" in c) for c in cells):
-                raise ValueError(f"tab or newline in benchmark row {row['index']}")
-            f.write("\t".join(cells) + "\n")
-    return path
-
-
 def write_quickstart_dataset(
-    out_dir: str | Path, n_train: int, n_bench: int, seed: int, size: int = 128
+    out_dir: str | Path, n_train: int, n_bench: int, seed: int, size: int = 128, benchmark: bool = True
 ) -> dict:
     """Write the quickstart's data folder: ``images/``, ``records.jsonl`` (train), ``bench_records.jsonl``,
-    the card ``synthetic.yaml`` (train/test split by file name) and ``bench/synth_mc.tsv``. The same
-    arguments give byte-identical files."""
+    the card ``synthetic.yaml`` (train/test split by file name) and, with `benchmark`,
+    ``bench/synth_mc.tsv`` in this module's own wording. The same arguments give byte-identical files.
+    The quickstart itself asks the data engine for its benchmark (`medvl.generate.benchmark`)."""
     out = Path(out_dir)
     rec_path = write_synthetic(
         out, n_train, seed, size, prefix="train", stream=0, records_name="records.jsonl"
@@ -126,11 +110,13 @@ def write_quickstart_dataset(
     bench_path = write_synthetic(
         out, n_bench, seed, size, prefix="bench", stream=1, records_name="bench_records.jsonl"
     )
-    rows = mc_benchmark(read_rows(bench_path), np.random.default_rng([seed, 3]))
-    return {
+    paths = {
         "images": out / "images",
         "records": rec_path,
         "bench_records": bench_path,
         "card": write_card(out),
-        "bench_tsv": write_vlmeval_tsv(rows, out, out / "bench" / "synth_mc.tsv"),
     }
+    if benchmark:
+        rows = mc_benchmark(read_rows(bench_path), np.random.default_rng([seed, 3]))
+        paths["bench_tsv"] = write_vlmeval_tsv(rows, out, out / "bench" / "synth_mc.tsv")
+    return paths
