@@ -88,6 +88,10 @@ class FactSheet:
     width: int = 0
     height: int = 0
     image_sha256: str = ""  # SHA-256 of the PNG file written as images/<sha256>.png
+    # The modalities and body regions of the whole job's records: a perception question's distractors
+    # come from these first ([] outside a job: then from the vocabulary alone).
+    run_modalities: list[str] = field(default_factory=list)
+    run_regions: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         # Field by field rather than dataclasses.asdict, whose recursive deep copy of the label space

@@ -364,6 +364,33 @@ def test_perception_asks_every_kind_with_distractors_from_the_gold_group():
     assert [s["answer"] for s in zh] == [s["answer"] for s in items]  # same letters in both languages
 
 
+def test_modality_and_region_distractors_come_from_the_job_first():
+    """A modality question's distractors are modalities the job's own images show (look-alikes among them
+    first) before any the model never sees an image of; the job fills in what it read."""
+    from medvl.generate.template import perception_items
+
+    f = fact_sheet(record())  # a CT of the abdomen
+    alone = perception_items(f, seeded(0, f.record_id, "perception"))["modality"][1]
+    f.run_modalities = ["CT", "Dermoscopy", "Fundus photography", "Histopathology", "MR", "X-ray"]
+    f.run_regions = ["Abdomen", "Eye", "Knee", "Skin"]
+    for seed in range(20):
+        items = perception_items(f, seeded(seed, f.record_id, "perception"))
+        gold, pool, _ = items["modality"]
+        assert gold == "CT" and sorted(pool[:2]) == ["MR", "X-ray"]  # the look-alikes the job shows
+        assert set(pool[:5]) == set(f.run_modalities) - {"CT"}  # then the job's others, then the rest
+        assert set(items["body region"][1][:3]) == {"Eye", "Knee", "Skin"}
+    assert {"MR", "X-ray", "Ultrasound", "PET"} & set(alone[:2])  # outside a job: look-alikes alone
+
+
+def test_generate_job_gives_every_sheet_the_job_modalities(tmp_path):
+    rows = [record(i) for i in range(4)] + [record(9, modality="MR", body_region="Head")]
+    src = write_curated(tmp_path / "cur", rows)
+    generate([src], tmp_path / "gen", TemplateBackend(), formats=["perception"], seed=0)
+    sheets = [json.loads(line)["facts"] for line in (tmp_path / "gen" / "samples.jsonl").open()]
+    assert sheets and all(s["run_modalities"] == ["CT", "MR"] for s in sheets)
+    assert all(s["run_regions"] == ["Abdomen", "Head"] for s in sheets)
+
+
 def test_language_id():
     assert lang_of("A CT image of the abdomen showing the liver and both kidneys.")[0] == "en"
     lang, prob = lang_of("这是一张腹部CT图像，图中可见肝脏和双肾。[12, 40, 300, 500]")

@@ -220,7 +220,7 @@ def task_text(p: Plan) -> str:
     if p.fmt == "perception":
         shown = lettered(option_texts(p))
         return spec["task"].format(
-            target=spec["targets"][p.kind].format(**p.names),
+            target=spec["targets"][p.kind.split(":")[0]].format(**p.names),  # "present:<clinical task>"
             options="; ".join(f"{k}. {v}" for k, v in shown.items()),
             gold=shown[p.answer],
         )
@@ -231,7 +231,7 @@ def task_text(p: Plan) -> str:
 
 def option_texts(p: Plan) -> list[str]:
     """The options as the sample shows them, in its language."""
-    return [template.option_text(p.kind, o, p.lang) for o in p.options]
+    return [template.option_text(p.kind.split(":")[0], o, p.lang) for o in p.options]
 
 
 def outlined(image: Image.Image, box: Sequence[int]) -> Image.Image:
@@ -802,7 +802,15 @@ def prepare(
         from .pipeline import GenerateStep
 
         with tempfile.TemporaryDirectory() as tmp:
-            shadow = GenerateStep(backend, tmp, step.formats, step.zh_share, step.seed)
+            shadow = GenerateStep(
+                backend,
+                tmp,
+                step.formats,
+                step.zh_share,
+                step.seed,
+                run_modalities=step.run_modalities,
+                run_regions=step.run_regions,
+            )
             root, backend.image_root = backend.image_root, Path(tmp)
             try:
                 echo(backend.estimate(*backend.pending(shadow, items)).summary())

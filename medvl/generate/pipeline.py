@@ -42,7 +42,14 @@ class GenerateStep(Step):
     name = "generate"
 
     def __init__(
-        self, backend: Backend, out: str | Path, formats: Sequence[str], zh_share: float, seed: int
+        self,
+        backend: Backend,
+        out: str | Path,
+        formats: Sequence[str],
+        zh_share: float,
+        seed: int,
+        run_modalities: Sequence[str] = (),
+        run_regions: Sequence[str] = (),
     ) -> None:
         unknown = [f for f in formats if f not in FORMATS]
         if unknown or not formats:
@@ -53,6 +60,7 @@ class GenerateStep(Step):
             raise ValueError(f"zh share must be within 0-1, got {zh_share}")
         self.backend, self.images = backend, Path(out) / "images"
         self.formats, self.zh_share, self.seed = tuple(formats), float(zh_share), int(seed)
+        self.run_modalities, self.run_regions = list(run_modalities), list(run_regions)
 
     def config(self) -> dict:
         return {
@@ -60,6 +68,8 @@ class GenerateStep(Step):
             "formats": self.formats,
             "zh_share": self.zh_share,
             "seed": self.seed,
+            "run_modalities": self.run_modalities,
+            "run_regions": self.run_regions,
         }
 
     def schema(self):
@@ -136,6 +146,7 @@ class GenerateStep(Step):
             return
         png, im = decode_image(record)
         facts = fact_sheet(record, (png, im))
+        facts.run_modalities, facts.run_regions = self.run_modalities, self.run_regions
         if any(f != "text" for f in self.formats):
             self.write_image(png, facts.image_sha256)
         for fmt in self.formats:
@@ -214,7 +225,15 @@ def generate(
     out = Path(out)
     records = select(load_records(curated), splits)
     items = [{"id": r["id"], "source": str(r.get("source") or ""), "record": r} for r in records]
-    step = GenerateStep(backend, out, formats, zh_share, seed)
+    step = GenerateStep(
+        backend,
+        out,
+        formats,
+        zh_share,
+        seed,
+        run_modalities=sorted({str(r["modality"]) for r in records if r.get("modality")}),
+        run_regions=sorted({str(r["body_region"]) for r in records if r.get("body_region")}),
+    )
     if prepare is not None and prepare(step, items):
         return None
     run(

@@ -33,7 +33,7 @@ LOOKALIKE_MODALITIES: tuple[tuple[str, ...], ...] = (
     ("Histopathology", "Microscopy"),
     ("OCT", "Infrared reflectance imaging", "Fundus photography"),
 )
-HARD_MODALITY_DISTRACTORS = 2  # look-alikes among the three distractors; the third from elsewhere
+HARD_MODALITY_DISTRACTORS = 2  # look-alikes (of those the job's images show) among the three distractors
 NEAR_REGIONS = ("Head", "Neck", "Chest", "Abdomen", "Pelvis", "Spine")
 QUADRANTS = ("upper left", "upper right", "lower left", "lower right")
 ZH_QUADRANT = {"upper left": "左上", "upper right": "右上", "lower left": "左下", "lower right": "右下"}
@@ -543,13 +543,23 @@ def perception_items(facts: FactSheet, rng: np.random.Generator) -> dict[str, tu
     items: dict[str, tuple[str, list[str], dict]] = {}
     if facts.modality:
         m = facts.modality
-        near = [x for g in LOOKALIKE_MODALITIES if m in g for x in g if x != m]
-        near = choose(rng, list(dict.fromkeys(near)), HARD_MODALITY_DISTRACTORS)
-        rest = choose(rng, [x for x in MODALITIES if x not in near and x != m], len(MODALITIES))
-        items["modality"] = (m, near + rest, {})
+        # Distractors the job's own images show come first: an option that no training image ever shows
+        # is one a model learns to rule out without looking, and a benchmark whose options are all real
+        # (the quickstart's six modalities, SLAKE's CT, MR and X-ray) then asks what training never did.
+        seen = [x for x in dict.fromkeys(facts.run_modalities) if x != m]
+        lookalike = [x for x in dict.fromkeys(x for g in LOOKALIKE_MODALITIES if m in g for x in g) if x != m]
+        near = choose(rng, [x for x in lookalike if x in seen], HARD_MODALITY_DISTRACTORS)
+        seen_rest = [x for x in seen if x not in near]
+        unseen_near = [x for x in lookalike if x not in seen]
+        rest = [x for x in MODALITIES if x != m and x not in seen and x not in unseen_near]
+        pool = near + choose(rng, seen_rest, len(seen_rest))
+        pool += choose(rng, unseen_near, len(unseen_near)) + choose(rng, rest, len(rest))
+        items["modality"] = (m, pool, {})
     if facts.body_region:
-        near = [r for r in NEAR_REGIONS if r != facts.body_region]
-        items["body region"] = (facts.body_region, choose(rng, near, len(near)), {})
+        r = facts.body_region
+        seen = [x for x in dict.fromkeys(facts.run_regions) if x != r]
+        rest = [x for x in NEAR_REGIONS if x != r and x not in seen]
+        items["body region"] = (r, choose(rng, seen, len(seen)) + choose(rng, rest, len(rest)), {})
     for group, positives, negatives in label_groups(facts):
         gold = positives[int(rng.integers(len(positives)))]
         items[f"present:{group}"] = (gold, choose(rng, negatives, len(negatives)), {"group": group})
