@@ -652,6 +652,10 @@ def test_every_perception_kind_makes_a_task_for_the_writer():
         assert p is not None
         p.lang = "en"
         text = task_text(p)
-        assert all(o in text for o in option_texts(p)) and p.options[ord(p.answer) - 65] in p.options
+        assert all(o in text for o in option_texts(p)) and len(set(p.options)) == len(p.options)
+        gold = p.options[ord(p.answer) - ord("A")]
+        assert gold not in f.negatives
+        if p.kind.startswith("present:"):  # the gold a positive of the task, every other option a negative
+            assert gold in f.labels and set(p.options) - {gold} <= set(f.negatives)
         seen.add(p.kind)
     assert seen == wanted and {"present:Organ Recognition", "present:Disease Diagnosis"} <= seen
