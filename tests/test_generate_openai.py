@@ -631,3 +631,31 @@ def test_medvl_serve_429_is_retried_until_every_request_is_answered(prompt_vlm, 
     assert len(errors) == 4 and not [e for e in errors if "no answer" in e], errors
     assert app.counts[429] > 0 and be.llm.usage.retries == app.counts[429], app.counts
     assert app.counts[200] == 8 == be.llm.usage.paid
+
+
+def test_every_perception_kind_makes_a_task_for_the_writer():
+    """A perception plan may ask about any kind the template offers, a clinical task's labels
+    ("present:<task>") included: each gives the writer a task naming its target and its options."""
+    from medvl.generate.openai_backend import option_texts, plan, task_text
+    from medvl.generate.template import perception_items
+    from medvl.samples import fact_sheet
+
+    organ, disease = "Organ Recognition", "Disease Diagnosis"
+    groups = {"Liver": organ, "Spleen": organ, "Bladder": organ, "Liver Cancer": disease, "Cyst": disease}
+    f = fact_sheet(
+        record(annotation=json.dumps({"exhaustive": True, "label_space": list(groups), "groups": groups}))
+    )
+    wanted = set(perception_items(f, np.random.default_rng(0)))
+    seen: set[str] = set()
+    for seed in range(200):
+        p = plan(f, "perception", np.random.default_rng(seed))
+        assert p is not None
+        p.lang = "en"
+        text = task_text(p)
+        assert all(o in text for o in option_texts(p)) and len(set(p.options)) == len(p.options)
+        gold = p.options[ord(p.answer) - ord("A")]
+        assert gold not in f.negatives
+        if p.kind.startswith("present:"):  # the gold a positive of the task, every other option a negative
+            assert gold in f.labels and set(p.options) - {gold} <= set(f.negatives)
+        seen.add(p.kind)
+    assert seen == wanted and {"present:Organ Recognition", "present:Disease Diagnosis"} <= seen

@@ -31,6 +31,7 @@ Batch API or `vllm run-batch` and reads the results back into the cache (`--batc
 from __future__ import annotations
 
 import base64
+import copy
 import functools
 import io
 import json
@@ -220,7 +221,7 @@ def task_text(p: Plan) -> str:
     if p.fmt == "perception":
         shown = lettered(option_texts(p))
         return spec["task"].format(
-            target=spec["targets"][p.kind].format(**p.names),
+            target=spec["targets"][template.base_kind(p.kind)].format(**p.names),
             options="; ".join(f"{k}. {v}" for k, v in shown.items()),
             gold=shown[p.answer],
         )
@@ -231,7 +232,7 @@ def task_text(p: Plan) -> str:
 
 def option_texts(p: Plan) -> list[str]:
     """The options as the sample shows them, in its language."""
-    return [template.option_text(p.kind, o, p.lang) for o in p.options]
+    return [template.option_text(template.base_kind(p.kind), o, p.lang) for o in p.options]
 
 
 def outlined(image: Image.Image, box: Sequence[int]) -> Image.Image:
@@ -799,18 +800,9 @@ def prepare(
     if dry_run and batch_out is None:
         # Requests carry the images, which the step writes where the backend reads them: a dry run
         # does both in a temporary folder and leaves the output folder as it was.
-        from .pipeline import GenerateStep
-
         with tempfile.TemporaryDirectory() as tmp:
-            shadow = GenerateStep(
-                backend,
-                tmp,
-                step.formats,
-                step.zh_share,
-                step.seed,
-                run_modalities=step.run_modalities,
-                run_regions=step.run_regions,
-            )
+            shadow = copy.copy(step)  # the same job, writing its images into the temporary folder
+            shadow.images = Path(tmp) / "images"
             root, backend.image_root = backend.image_root, Path(tmp)
             try:
                 echo(backend.estimate(*backend.pending(shadow, items)).summary())

@@ -589,6 +589,11 @@ def perception_items(facts: FactSheet, rng: np.random.Generator) -> dict[str, tu
     return items
 
 
+def base_kind(kind: str) -> str:
+    """The kind of a perception item without its clinical task: "present:Organ Recognition" -> "present"."""
+    return kind.split(":")[0]
+
+
 def option_text(kind: str, value: str, lang: str) -> str:
     if lang == "en":
         return (
@@ -607,7 +612,7 @@ def perception(facts: FactSheet, lang: str, rng: np.random.Generator) -> list[di
         opts = [gold, *pool[: N_OPTIONS - 1]]
         opts = [opts[int(i)] for i in rng.permutation(len(opts))]  # the gold's letter is uniform: balanced
         letter = "ABCDEFGHI"[opts.index(gold)]
-        base = kind.split(":")[0]
+        base = base_kind(kind)
         shown = [option_text(base, o, lang) for o in opts]
         names = {k: (term(v, lang) if k == "a" else v) for k, v in fields.items()}
         if kind == "count" and lang == "en":
