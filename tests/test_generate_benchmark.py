@@ -23,7 +23,9 @@ def test_benchmark_from_the_test_split_reads_back_through_eval(tmp_path):
     rows[1] = record(1, split="test", modality="MR", body_region="Head", id="hand/mr0001.png")
     curated = write_curated(tmp_path / "curated", rows)
     out = tmp_path / "bench"
-    report = generate([curated], out, TemplateBackend(), splits=("test",), formats=("perception",), zh_share=0.0)
+    report = generate(
+        [curated], out, TemplateBackend(), splits=("test",), formats=("perception",), zh_share=0.0
+    )
     assert report["kept"] > 0 and report["rejected"] == 0
     samples = read_rows(out / "samples.jsonl")
     assert {s["provenance"]["split"] for s in samples} == {"test"}  # the train records never become questions

@@ -18,6 +18,7 @@ from medvl.eval import evaluate, rescore
 from medvl.eval.harness import prediction_path
 from medvl.model.build import load
 from medvl.quickstart import run_quickstart
+from medvl.records import read_rows
 from medvl.samples import FORMATS
 from medvl.vocab import OMNIMEDVQA_QUESTION_TYPES
 
@@ -56,10 +57,14 @@ def test_quickstart_small_runs_the_whole_pipeline(tmp_path):
     trained = {pixels(out / "mix" / s["image"]) for s in stage3 if "image" in s}
     bench = {pixels(p) for p in (out / "data" / "images").glob("bench_*.png")}
     assert trained and bench and not trained & bench
+    # The benchmark is the engine's multiple-choice items of the test split, and only of it.
+    asked = read_rows(out / "bench" / "samples.jsonl")
+    assert asked and {s["provenance"]["split"] for s in asked} == {"test"}
+    assert {s["format"] for s in asked} == {"perception"} and {s["lang"] for s in asked} == {"en"}
 
     results = report["results"]["after stage III"]
     n = results["overall"]["n"]
-    assert n == sum(g["n"] for g in results["breakdowns"]["category"].values()) > 0
+    assert n == sum(g["n"] for g in results["breakdowns"]["category"].values()) == len(asked) > 0
 
     # The quickstart model on the real SLAKE English test split (the model is 5M parameters and
     # has never seen a real image, so only the plumbing and the scoring are checked here).
