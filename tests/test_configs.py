@@ -1,6 +1,7 @@
 """Every shipped YAML config loads through the reader that uses it: stage configs (the quickstart's,
-shipped as package data, and GMAI-VL's), model presets, accelerate launch configs. Unknown keys and
-wrong types fail in all three readers, so a config that drifted from its schema fails here."""
+shipped as package data, and GMAI-VL's), stage mixtures, quality thresholds, model presets, accelerate
+launch configs. Unknown keys and wrong types fail in every reader, so a config that drifted from its
+schema fails here."""
 
 from __future__ import annotations
 
@@ -8,18 +9,37 @@ from pathlib import Path
 
 import pytest
 
+from medvl.data.mix import load_mix
 from medvl.model.build import PRESET_DIR, load_preset
+from medvl.quality.config import load_thresholds
 from medvl.quickstart import CONFIG_DIR
 from medvl.train.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
-STAGES = sorted(CONFIG_DIR.parent.rglob("*.yaml")) + sorted((REPO / "configs" / "gmai-vl").glob("*.yaml"))
+SHIPPED = sorted(CONFIG_DIR.parent.rglob("*.yaml"))
+MIXES = [p for p in SHIPPED if p.name.startswith("mix_")] + sorted((REPO / "configs" / "mix").glob("*.yaml"))
+THRESHOLDS = [p for p in SHIPPED if p.name == "quality.yaml"]
+STAGES = [p for p in SHIPPED if p not in MIXES + THRESHOLDS] + sorted(
+    (REPO / "configs" / "gmai-vl").glob("*.yaml")
+)
 PRESETS = sorted(PRESET_DIR.glob("*.yaml"))
 LAUNCH = sorted((REPO / "configs" / "accelerate").glob("*.yaml"))
 
 
 def test_the_configs_are_found():
     assert len(STAGES) >= 6 and len(PRESETS) >= 3 and len(LAUNCH) >= 7
+    assert len(MIXES) >= 6 and len(THRESHOLDS) == 1
+
+
+@pytest.mark.parametrize("path", MIXES, ids=lambda p: str(p.relative_to(REPO)))
+def test_mix_config_loads(path):
+    mix = load_mix(path)
+    assert mix.sources and all(s.path for s in mix.sources)
+
+
+@pytest.mark.parametrize("path", THRESHOLDS, ids=lambda p: str(p.relative_to(REPO)))
+def test_quality_overlay_loads(path):
+    assert load_thresholds(path) != load_thresholds()  # it changes something of the shipped defaults
 
 
 @pytest.mark.parametrize("path", STAGES, ids=lambda p: str(p.relative_to(REPO)))
