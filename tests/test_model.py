@@ -277,3 +277,37 @@ def test_cli_lists_the_pipeline_and_commands_name_a_missing_argument():
         assert cmd in res.stdout
     res = subprocess.run([sys.executable, "-m", "medvl.cli", "quality"], capture_output=True, text=True)
     assert res.returncode != 0 and "Missing argument" in res.stderr
+
+
+def test_build_trains_its_tokenizer_on_the_turns_of_llava_samples(tmp_path: Path):
+    """`medvl build --corpus` reads `medvl quality`'s kept.jsonl (or a mix's JSON) as well as a text file:
+    every turn is a line of the corpus and the image token is not part of the text."""
+    from medvl.model.cli import corpus_texts
+
+    rows = [
+        {
+            "id": "a",
+            "image": "x.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhich organ is shown?"},
+                {"from": "gpt", "value": "The liver."},
+            ],
+        },
+        {
+            "id": "b",
+            "conversations": [
+                {"from": "human", "value": "What is a CT?"},
+                {"from": "gpt", "value": "A scan."},
+            ],
+        },
+    ]
+    jsonl = tmp_path / "kept.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    as_json = tmp_path / "mix.json"
+    as_json.write_text(json.dumps(rows), encoding="utf-8")
+    want = ["Which organ is shown?", "The liver.", "What is a CT?", "A scan."]
+    assert corpus_texts(jsonl) == want
+    assert corpus_texts(as_json) == want
+    text = tmp_path / "corpus.txt"
+    text.write_text("one line\n<image> kept as written\n", encoding="utf-8")
+    assert corpus_texts(text) == ["one line", "<image> kept as written"]

@@ -12,7 +12,11 @@ def build(
     ),
     vision: str = typer.Option(None, help="Pretrained vision encoder: hub id or folder."),
     llm: str = typer.Option(None, help="Pretrained causal LM: hub id or folder."),
-    corpus: Path = typer.Option(None, help="Text file to train the tokenizer of a random-weights preset."),
+    corpus: Path = typer.Option(
+        None,
+        help="Text file (one text a line), or LLaVA-style JSON/JSONL samples (every turn a text), to train "
+        "the tokenizer of a random-weights preset.",
+    ),
     vision_feature_layer: int = typer.Option(
         -2, help="With --vision/--llm: which vision layer feeds the projector."
     ),
@@ -41,11 +45,25 @@ def build(
         if spec.vision is None:
             if corpus is None:
                 raise typer.BadParameter(f"preset {preset!r} trains its tokenizer: pass --corpus <text file>")
-            lines = corpus.read_text(encoding="utf-8").splitlines()
-            tokenizer = train_tokenizer(lines, spec.tokenizer_vocab_size)
+            tokenizer = train_tokenizer(corpus_texts(corpus), spec.tokenizer_vocab_size)
         vlm = build_preset(preset, tokenizer=tokenizer)
     else:
         raise typer.BadParameter("give --preset, or --vision and --llm")
     vlm.save(out)
     n = sum(p.numel() for p in vlm.model.parameters())
     typer.echo(f"wrote {out} ({n / 1e6:.1f}M parameters)")
+
+
+def corpus_texts(path: Path) -> list[str]:
+    """A tokenizer corpus: a text file's lines, or the turns of LLaVA-style samples (.json / .jsonl, e.g.
+    `medvl quality`'s kept.jsonl or a `medvl mix` output), the image token left out."""
+    if path.suffix not in (".json", ".jsonl"):
+        return path.read_text(encoding="utf-8").splitlines()
+    from medvl.prompts import IMAGE_TOKEN
+    from medvl.records import read_rows
+
+    return [
+        turn["value"].replace(IMAGE_TOKEN, "").strip()
+        for row in read_rows(path)
+        for turn in row.get("conversations") or []
+    ]
