@@ -55,10 +55,10 @@ def test_slake_experiment_ci_size_runs_both_arms_and_reports(tmp_path):
     test_images = {r["img_name"] for r in json.loads((SLAKE / "test.json").read_text(encoding="utf-8"))}
     assert all(s["provenance"]["split"] == "train" for s in generated)
     assert not {s["provenance"]["record_id"].split("/imgs/", 1)[1] for s in generated} & test_images
-    # The report has both arms on both test languages, the baselines, the paired comparison and the
-    # image-dependence check.
-    assert set(summary["results"]) == {"test-en", "test-zh"}
-    for key in ("test-en", "test-zh"):
+    # The report has both arms on the validation split and both test languages, the baselines, the
+    # paired comparison and the image-dependence check.
+    assert set(summary["results"]) == {"validate-en", "test-en", "test-zh"}
+    for key in ("validate-en", "test-en", "test-zh"):
         res = summary["results"][key]
         assert res["a"]["overall"]["n"] == res["b"]["overall"]["n"] > 0
         assert "question_prior" in res["a"]["overall"]["baselines"]
