@@ -15,13 +15,13 @@ from medvl.curate.cli import curate
 from medvl.data.mix import mix_command
 from medvl.eval.cli import eval_cmd
 from medvl.generate.cli import generate
-from medvl.model.cli import build
+from medvl.model.cli import build, convert_m3d_command
 from medvl.quality.cli import quality
 from medvl.quickstart import quickstart
 from medvl.serve.chat import chat
 from medvl.serve.cli import serve, ui
 from medvl.synth.cli import synth
-from medvl.train.cli import pipeline, train
+from medvl.train.cli import pipeline, pretrain_3d, train
 
 app = typer.Typer(
     help="medvl: labelled medical images in; instruction data, a trained LLaVA-style model, "
@@ -49,6 +49,8 @@ app.command("generate", rich_help_panel="1. Data")(generate)
 app.command("quality", rich_help_panel="1. Data")(quality)
 app.command("mix", rich_help_panel="1. Data")(mix_command)
 app.command("build", rich_help_panel="2. Model")(build)
+app.command("convert-m3d", rich_help_panel="2. Model")(convert_m3d_command)
+app.command("pretrain-3d", rich_help_panel="2. Model")(pretrain_3d)
 app.command("train", rich_help_panel="2. Model")(train)
 app.command("pipeline", rich_help_panel="2. Model")(pipeline)
 app.command("eval", rich_help_panel="3. Evaluate and use")(eval_cmd)
@@ -56,6 +58,7 @@ app.command("chat", rich_help_panel="3. Evaluate and use")(chat)
 app.command("serve", rich_help_panel="3. Evaluate and use")(serve)
 app.command("ui", rich_help_panel="3. Evaluate and use")(ui)
 app.command("quickstart", rich_help_panel="0. Start here")(quickstart)
+
 
 def main() -> None:
     """The console entry point: `app` with errors reported in one line."""

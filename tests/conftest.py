@@ -19,7 +19,11 @@ from typing import TypeVar
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
+
+from medvl.imaging.volume_spec import VolumeSpec
+from medvl.prompts import IMAGE_TOKEN
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("MEDVL_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -258,3 +262,79 @@ class FixtureEndpoint(ChatFixtureServer):
 def endpoint() -> Iterator[FixtureEndpoint]:
     with serve_in_thread(FixtureEndpoint()) as srv:
         yield srv
+
+
+# ---- volumes: 3D and 2D samples in one file (the slices and native routes' tests) ----
+
+# The synthetic-3d card's spec (configs/cards/synthetic-3d.yaml): three windows, 32 slices.
+SPEC = VolumeSpec(
+    spacing=(5.0, 6.25, 6.25), size=(32, 64, 64), windows=("abdomen", "lung", "bone"), crop_foreground=True
+)
+
+
+@pytest.fixture(scope="session")
+def mixed_data(tmp_path_factory) -> Path:
+    """Two phantom volumes (written as NIfTI, read back and preprocessed by the card's spec, stored as
+    curation stores them) and two 2D images, in one LLaVA file: two 3D samples, two 2D, one text."""
+    from medvl.imaging import read_volume
+    from medvl.synth.volumes import write_phantoms
+
+    root = tmp_path_factory.mktemp("mixed")
+    records = []
+    for i, path in enumerate(write_phantoms(root / "nifti", 2, shape=(16, 48, 48), seed=3)):
+        array = SPEC.apply(read_volume(path, path.name)).array
+        (root / "volumes").mkdir(exist_ok=True)
+        np.save(root / "volumes" / f"v{i}.npy", array, allow_pickle=False)
+        records.append(
+            {
+                "id": f"vol{i}",
+                "volume": f"volumes/v{i}.npy",
+                "conversations": [
+                    {"from": "human", "value": f"{IMAGE_TOKEN}\nWhich organs does this CT show?"},
+                    {"from": "gpt", "value": "The liver and the spleen."},
+                ],
+            }
+        )
+    (root / "img").mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((24, 24, 3), 60 + 100 * i, np.uint8)).save(root / "img" / f"{i}.png")
+        records.append(
+            {
+                "id": f"img{i}",
+                "image": f"img/{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "Is the image bright?"},
+                    {"from": "gpt", "value": "yes" if i else "no"},
+                ],
+            }
+        )
+    records.append(
+        {
+            "id": "text",
+            "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}],
+        }
+    )
+    (root / "data.json").write_text(json.dumps(records))
+    return root
+
+
+def stage_config(tmp_path: Path, model: Path, data: Path, name: str, **keys) -> Path:
+    """A stage over the mixed data: one global batch of all five samples, packed into one row."""
+    cfg = {
+        "stage": name,
+        "model": str(model),
+        "output_dir": str(tmp_path / name),
+        "data": [{"path": str(data / "data.json")}],
+        "freeze": {"llm": False, "projector": False, "vision": False},
+        "packing": "soft",
+        "lr": 1e-3,
+        "global_batch_size": 5,
+        "micro_batch_size": 5,
+        "max_length": 1024,
+        "max_steps": 1,
+        "warmup_ratio": 0.0,
+        **keys,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -193,3 +193,51 @@ def assert_same_weights(a: Path, b: Path) -> None:
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("route", ["slices", "native"])
+def test_mixed_2d_and_3d_under_fsdp_match_one_process(route, mixed_data, tmp_path):
+    """Volumes, 2D images and a text-only sample in one run under FSDP2 on 2 processes, on both 3D
+    routes (the tiny CLIP tower given K slabs; the tiny-3d ViViT tower given one input of 8 slabs):
+    micro-batches of one sample, so some rank's micro-batch holds no volume and no image and runs the
+    sharded tower on the vision filler; losses and the final weights equal one process's."""
+    from conftest import SPEC, TOKENIZER_TEXT
+
+    from medvl.model.build import build_preset
+    from medvl.model.tokenizer import train_tokenizer
+
+    preset = "tiny" if route == "slices" else "tiny-3d"
+    build_preset(preset, tokenizer=train_tokenizer(TOKENIZER_TEXT, vocab_size=400)).save(tmp_path / "model")
+    cfg = {
+        "stage": "mixed",
+        "model": str(tmp_path / "model"),
+        "data": [{"path": str(mixed_data / "data.json")}],
+        "freeze": {"llm": False, "projector": False, "vision": False},
+        "lr": 1e-3,
+        "warmup_ratio": 0.0,
+        "global_batch_size": 4,
+        "micro_batch_size": 1,
+        "max_length": 1024,
+        "max_steps": 2,
+        "packing": "soft",
+        "log_every": 1,
+        "volume_tokens": 64,  # slices: 4 slabs of 16 tokens; native: one input of 64 whatever the budget
+        "volume_specs": [SPEC.model_dump(mode="json")],
+    }
+    train_stage(load_config(write(tmp_path, cfg, "single")))
+    launcher = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--config_file",
+        str(CONFIGS / "fsdp.yaml"),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "29535",
+        "--mixed_precision",
+        "no",
+    ]
+    log = launch(tmp_path, write(tmp_path, cfg, "fsdp"), *launcher)
+    assert "x 2 processes" in log and "FSDP: FSDPLlavaForConditionalGeneration" in log
+    assert losses(tmp_path, "fsdp") == pytest.approx(losses(tmp_path, "single"), rel=1e-4)
+    assert_same_weights(tmp_path / "single" / "final", tmp_path / "fsdp" / "final")

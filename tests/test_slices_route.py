@@ -5,27 +5,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
-from PIL import Image
+from conftest import SPEC, stage_config
 
 from medvl.data.conversations import ConversationDataset
 from medvl.data.packing import PackedCollator
-from medvl.imaging import read_volume, slab_count, slab_mode, volume_slabs
-from medvl.imaging.volume_spec import VolumeSpec
+from medvl.imaging import slab_count, slab_mode, volume_slabs
 from medvl.model.build import VOLUMES_FILE, VolumePreprocessing, load, load_volumes
-from medvl.prompts import IMAGE_TOKEN
 from medvl.train.config import load_config
 from medvl.train.loop import StageRecipe, loss_sum
-
-# The synthetic-3d card's spec (configs/cards/synthetic-3d.yaml): three windows, 32 slices.
-SPEC = VolumeSpec(
-    spacing=(5.0, 6.25, 6.25), size=(32, 64, 64), windows=("abdomen", "lung", "bone"), crop_foreground=True
-)
 
 
 def test_slab_count_from_the_token_budget():
@@ -65,51 +56,6 @@ def test_adjacent_slices_as_channels_when_not_three_windows():
     assert [np.asarray(im)[0, 0].tolist() for im in one] == [[20 * z] * 3 for z in range(9)]
     with pytest.raises(ValueError, match="need 1 <= k <= 9"):
         volume_slabs(a, 10)
-
-
-@pytest.fixture(scope="module")
-def mixed_data(tmp_path_factory) -> Path:
-    """Two phantom volumes (written as NIfTI, read back and preprocessed by the card's spec, stored as
-    curation stores them) and two 2D images, in one LLaVA file: two 3D samples, two 2D, one text."""
-    from medvl.synth.volumes import write_phantoms
-
-    root = tmp_path_factory.mktemp("mixed")
-    records = []
-    for i, path in enumerate(write_phantoms(root / "nifti", 2, shape=(16, 48, 48), seed=3)):
-        array = SPEC.apply(read_volume(path, path.name)).array
-        (root / "volumes").mkdir(exist_ok=True)
-        np.save(root / "volumes" / f"v{i}.npy", array, allow_pickle=False)
-        records.append(
-            {
-                "id": f"vol{i}",
-                "volume": f"volumes/v{i}.npy",
-                "conversations": [
-                    {"from": "human", "value": f"{IMAGE_TOKEN}\nWhich organs does this CT show?"},
-                    {"from": "gpt", "value": "The liver and the spleen."},
-                ],
-            }
-        )
-    (root / "img").mkdir()
-    for i in range(2):
-        Image.fromarray(np.full((24, 24, 3), 60 + 100 * i, np.uint8)).save(root / "img" / f"{i}.png")
-        records.append(
-            {
-                "id": f"img{i}",
-                "image": f"img/{i}.png",
-                "conversations": [
-                    {"from": "human", "value": "Is the image bright?"},
-                    {"from": "gpt", "value": "yes" if i else "no"},
-                ],
-            }
-        )
-    records.append(
-        {
-            "id": "text",
-            "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}],
-        }
-    )
-    (root / "data.json").write_text(json.dumps(records))
-    return root
 
 
 def test_mixed_2d_and_3d_batch_trains_one_step(tiny_model_dir, mixed_data):
@@ -171,28 +117,6 @@ def test_bad_volume_samples_name_the_sample(tiny_model_dir, mixed_data, tmp_path
         with pytest.raises((ValueError, FileNotFoundError), match=problem) as e:
             ConversationDataset(vlm, [(tmp_path / "d.json", mixed_data)], 1024)
         assert "sample id bad" in str(e.value)
-
-
-def stage_config(tmp_path: Path, model: Path, data: Path, name: str, **keys) -> Path:
-    """A stage over the mixed data: one global batch of all five samples, packed into one row."""
-    cfg = {
-        "stage": name,
-        "model": str(model),
-        "output_dir": str(tmp_path / name),
-        "data": [{"path": str(data / "data.json")}],
-        "freeze": {"llm": False, "projector": False, "vision": False},
-        "packing": "soft",
-        "lr": 1e-3,
-        "global_batch_size": 5,
-        "micro_batch_size": 5,
-        "max_length": 1024,
-        "max_steps": 1,
-        "warmup_ratio": 0.0,
-        **keys,
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def test_stage_volume_tokens_set_the_slabs_and_the_model_keeps_them(tiny_model_dir, mixed_data, tmp_path):

@@ -11,6 +11,10 @@ volume record's `volume.file`, a uint8 [C, S, P, L] array, relative to the image
 multi-image sample of the `slices` route (docs/3d.md): K slabs (`medvl.imaging.volume_slabs`), K set by
 the dataset's token budget per volume and the model's image tokens per image; its one `<image>`
 placeholder becomes K, one per line, the text the chat template renders for K image parts at inference.
+
+A model with a 3D tower (the `native` route, `medvl.model.build.native_frames`) sees a volume as one
+input of T slabs, [T, 3, H, W], behind one `<image>`; its 2D images are still volumes (the image as all T
+slabs), so 2D and 3D samples share its batches.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 from PIL import Image
 
 from medvl.imaging import DEFAULT_VOLUME_TOKENS, read_image, slab_count, volume_slabs
-from medvl.model.build import VLM
+from medvl.model.build import VLM, native_frames, tower_slabs
 from medvl.prompts import IMAGE_TOKEN
 from medvl.records import read_rows
 
@@ -42,10 +46,18 @@ class Sample:
     image_size: int | None = None  # input size of the images (None: the vision tower's own)
     volume: Path | None = None  # a stored volume, fed as `slabs` images in place of `images`
     slabs: int = 0
+    frames: int = 0  # native route: every input (image or volume) is one volume of this many slabs
 
     @property
     def n_images(self) -> int:
+        """Inputs of the vision tower: images (2D) or volumes (native route)."""
+        if self.frames:
+            return len(self.images) + (self.volume is not None)
         return len(self.images) + self.slabs
+
+
+# A sample with what its vision tower reads: PIL images, or (native route) one list of T slabs per input.
+Item = tuple[Sample, list]
 
 
 def image_tokens_at(config, size: int | None) -> int:
@@ -53,6 +65,8 @@ def image_tokens_at(config, size: int | None) -> int:
     vision = config.vision_config
     if size is None or size == vision.image_size:
         return config.image_seq_length
+    if native_frames(config):
+        raise ValueError("a 3D (native) tower reads its inputs at its own size: no image_size schedule")
     if size % vision.patch_size:
         raise ValueError(f"image size {size} is not a multiple of the patch size {vision.patch_size}")
     return (
@@ -133,6 +147,7 @@ def tokenize(
         if not p.is_file():
             raise FileNotFoundError(f"{where}: image file not found: {p}")
     volume_path, slabs = None, 0
+    frames = native_frames(vlm.model.config) or 0
     if volume is not None:
         volume_path = image_root / volume
         if not volume_path.is_file():
@@ -143,9 +158,12 @@ def tokenize(
             raise ValueError(f"{where}: volume {volume_path} is unreadable ({e})") from None
         if len(shape) != 4:
             raise ValueError(f"{where}: volume {volume_path} is {list(shape)}, expected [C, S, P, L]")
-        slabs = slab_count(shape[1], vlm.model.config.image_seq_length, volume_tokens)
-        turn = next(m for m in messages if IMAGE_TOKEN in m["content"])
-        turn["content"] = turn["content"].replace(IMAGE_TOKEN, "\n".join([IMAGE_TOKEN] * slabs), 1)
+        if frames:  # one input of the 3D tower behind the one placeholder
+            slabs = frames
+        else:
+            slabs = slab_count(shape[1], vlm.model.config.image_seq_length, volume_tokens)
+            turn = next(m for m in messages if IMAGE_TOKEN in m["content"])
+            turn["content"] = turn["content"].replace(IMAGE_TOKEN, "\n".join([IMAGE_TOKEN] * slabs), 1)
 
     enc = vlm.tokenizer.apply_chat_template(
         messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
@@ -163,7 +181,7 @@ def tokenize(
             labels.append(tok if is_answer else IGNORE)
     if len(ids) > max_length:
         raise ValueError(f"{where}: {len(ids)} tokens (with image tokens) exceed max_length={max_length}")
-    return Sample(sid, ids, labels, paths, volume=volume_path, slabs=slabs)
+    return Sample(sid, ids, labels, paths, volume=volume_path, slabs=slabs, frames=frames)
 
 
 class ConversationDataset(torch.utils.data.Dataset):
@@ -191,9 +209,10 @@ class ConversationDataset(torch.utils.data.Dataset):
         extra = image_tokens_at(self.vlm.model.config, image_size) - self.vlm.model.config.image_seq_length
         return [len(s.input_ids) + extra * s.n_images for s in self.samples]
 
-    def __getitem__(self, key: int | tuple[int, int | None]) -> tuple[Sample, list[Image.Image]]:
+    def __getitem__(self, key: int | tuple[int, int | None]) -> Item:
         """`dataset[i]`, or `dataset[i, size]` for the sample with its images at `size` px (the key
-        carries the size so that DataLoader workers need no shared state)."""
+        carries the size so that DataLoader workers need no shared state). The images: PIL images, or
+        for a native-route model one list of T slabs per input."""
         i, size = key if isinstance(key, tuple) else (key, None)
         cfg = self.vlm.model.config
         s = resize_image_tokens(
@@ -206,9 +225,15 @@ class ConversationDataset(torch.utils.data.Dataset):
                 images.append(read_image(p, self.vlm.preprocessing, size=side))
             except (OSError, ValueError) as e:
                 raise ValueError(f"sample id {s.id}: image {p} is unreadable ({e})") from e
+        if s.frames:
+            images = [[im] * s.frames for im in images]
         if s.volume is not None:
             # The image processor brings each slab to the tower's side, as it does a 2D image.
-            images.extend(volume_slabs(np.load(s.volume, allow_pickle=False), s.slabs))
+            slabs = volume_slabs(np.load(s.volume, allow_pickle=False), s.slabs)
+            if s.frames:
+                images.append(slabs)
+            else:
+                images.extend(slabs)
         return s, images
 
 
@@ -225,8 +250,9 @@ class Collator:
         self.per_sample = loss_normalization == "sample"
         self.config = vlm.model.config
         self.vision_filler = vision_filler
+        self.frames = native_frames(self.config)
 
-    def filler(self, batch: list[tuple[Sample, list[Image.Image]]]) -> list[tuple[Sample, list[Image.Image]]]:
+    def filler(self, batch: list[Item]) -> list[Item]:
         """For a batch without images (`vision_filler` on): one black image, its image tokens and one
         label of weight 0, so that the vision tower and projector take part in every micro-batch's
         forward and backward. Sharded training needs that: FSDP and ZeRO-3 gather a module's
@@ -241,7 +267,8 @@ class Collator:
         side = size or self.config.vision_config.image_size
         ids = [self.config.image_token_id] * n + [self.pad_id]
         sample = Sample(FILLER_ID, ids, [IGNORE] * n + [self.pad_id], [], size)
-        return [(sample, [Image.new("RGB", (side, side))])]
+        black = Image.new("RGB", (side, side))
+        return [(sample, [[black] * self.frames if self.frames else black])]
 
     def weights(self, sample: Sample, labels: torch.Tensor) -> torch.Tensor:
         """One sample's label weights; its first position never has a prediction behind it."""
@@ -257,9 +284,7 @@ class Collator:
         Computed here, on the CPU, so the training step never waits on the GPU to find them."""
         return {"head_positions": torch.nonzero((labels[:, 1:] != IGNORE).any(0)).reshape(-1)}
 
-    def counts(
-        self, batch: list[tuple[Sample, list[Image.Image]]], weights: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
+    def counts(self, batch: list[Item], weights: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.per_sample:  # a packed row holds several samples: count the samples with a label
             units = sum(any(x != IGNORE for x in s.labels[1:]) for s, _ in batch)
         else:
@@ -269,15 +294,18 @@ class Collator:
             "num_tokens": torch.tensor(sum(len(s.input_ids) for s, _ in batch)),
         }
 
-    def pixels(self, batch: list[tuple[Sample, list[Image.Image]]]) -> dict[str, torch.Tensor]:
+    def pixels(self, batch: list[Item]) -> dict[str, torch.Tensor]:
         images = [im for _, ims in batch for im in ims]
         if not images:
             return {}
+        if self.frames:  # [n, T, C, H, W]
+            volumes = [tower_slabs(self.config, slabs) for slabs in images]
+            return {"pixel_values": self.image_processor(volumes, return_tensors="pt")["pixel_values"]}
         size = batch[0][0].image_size
         kwargs = {"size": {"height": size, "width": size}} if size else {}
         return {"pixel_values": self.image_processor(images, return_tensors="pt", **kwargs)["pixel_values"]}
 
-    def __call__(self, batch: list[tuple[Sample, list[Image.Image]]]) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: list[Item]) -> dict[str, torch.Tensor]:
         rows = batch + self.filler(batch)
         width = max(len(s.input_ids) for s, _ in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)

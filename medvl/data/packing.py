@@ -11,9 +11,8 @@ import heapq
 import math
 
 import torch
-from PIL import Image
 
-from medvl.data.conversations import IGNORE, Collator, Sample
+from medvl.data.conversations import IGNORE, Collator, Item
 from medvl.model.attention import boundaries
 
 
@@ -92,7 +91,7 @@ class PackedCollator(Collator):
         super().__init__(vlm, loss_normalization, vision_filler)
         self.row_length = row_length
 
-    def __call__(self, samples: list[tuple[Sample, list[Image.Image]]]) -> dict[str, torch.Tensor]:
+    def __call__(self, samples: list[Item]) -> dict[str, torch.Tensor]:
         batch = samples + self.filler(samples)
         lengths = [len(s.input_ids) for s, _ in batch]
         rows = [list(range(len(batch)))] if self.row_length is None else pack_rows(lengths, self.row_length)

@@ -441,22 +441,24 @@ VOLUME_NPY = ".npy"
 
 
 def volume_images(
-    path: Path, tokens_per_image: int = DEFAULT_TOKENS_PER_IMAGE, volumes=None
+    path: Path, tokens_per_image: int = DEFAULT_TOKENS_PER_IMAGE, volumes=None, frames: int | None = None
 ) -> list[Image.Image]:
     """A question's volume -> the slabs of the slices route (docs/3d.md), as the model reads a scan:
     `volumes` is its `medvl.model.build.VolumePreprocessing` (`vlm.volumes`: its training volumes' spec
     per modality and its volume budget; None: the default specs and budget). K = `slab_count` for the
     answerer's image tokens per slab and that budget. A stored array (.npy, :func:`stored_volume`) is
     cut as it is, as training cuts curated volumes; a scan (NIfTI, a DICOM series as a folder or .zip)
-    is read and preprocessed by the spec for its modality, as chat and the server do."""
+    is read and preprocessed by the spec for its modality, as chat and the server do. A native-route
+    model (`frames`: its 3D tower's slabs) is given exactly `frames` slabs."""
     if volumes is None:
         from medvl.model.build import VolumePreprocessing
 
         volumes = VolumePreprocessing()
     if path.suffix.lower() == VOLUME_NPY:
         array = stored_volume(path)
-        return volume_slabs(array, slab_count(array.shape[1], tokens_per_image, volumes.volume_tokens))
-    return volumes.slabs(path, tokens_per_image)
+        k = frames or slab_count(array.shape[1], tokens_per_image, volumes.volume_tokens)
+        return volume_slabs(array, k)
+    return volumes.slabs(path, tokens_per_image, frames=frames)
 
 
 def stored_volume(path: Path) -> np.ndarray:

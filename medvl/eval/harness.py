@@ -71,6 +71,9 @@ class LocalModel:
         self.vlm, self.name = vlm, name
         self.image_size = vlm.model.config.vision_config.image_size  # as in training
         self.tokens_per_image = vlm.model.config.image_seq_length
+        from medvl.model.build import native_frames
+
+        self.frames = native_frames(vlm.model.config)  # None: volumes as K slabs of a 2D tower
         self.volumes = vlm.volumes  # scans as the model reads them: its training volumes' spec and budget
         self.preprocessing = vlm.preprocessing  # DICOM files are read as the checkpoint says
 
@@ -190,12 +193,17 @@ def _images(
     preprocessing: Preprocessing = DEFAULT_PREPROCESSING,
     tokens_per_image: int = DEFAULT_TOKENS_PER_IMAGE,
     volumes=None,
-) -> list[Image.Image]:
+    frames: int | None = None,
+) -> list:
+    """A question's model inputs: its images, or its volume's slabs (one input of `frames` slabs for a
+    native-route model); all black for the "blank" variant."""
     if item.volume is not None:
-        images = volume_images(item.volume, tokens_per_image, volumes)
+        images = volume_images(item.volume, tokens_per_image, volumes, frames)
     else:
         images = item.load_images(size, preprocessing)
-    return [Image.new("RGB", im.size) for im in images] if variant == "blank" else images
+    if variant == "blank":
+        images = [Image.new("RGB", im.size) for im in images]
+    return [images] if frames and item.volume is not None else images
 
 
 def _prediction_row(item: Item, bench: str, variant: str, text: str) -> dict:
@@ -256,6 +264,7 @@ class AnswerStep(Step):
         assert answerer is not None
         preprocessing = getattr(answerer, "preprocessing", DEFAULT_PREPROCESSING)
         slab_tokens = getattr(answerer, "tokens_per_image", DEFAULT_TOKENS_PER_IMAGE)
+        frames = getattr(answerer, "frames", None)  # a native-route model: a volume is one input
         pairs: list[tuple[Item, Item]] = chunk["questions"]  # (question, item whose images it is shown)
         # Only a chunk with volumes needs them (reading them imports medvl.model, i.e. torch).
         volumes = answerer_volumes(answerer, self.volume_tokens) if any(s.volume for _, s in pairs) else None
@@ -264,7 +273,7 @@ class AnswerStep(Step):
             batch = pairs[start : start + step]
             size = answerer.image_size
             prompts = [
-                (q.prompt(), _images(src, self.variant, size, preprocessing, slab_tokens, volumes))
+                (q.prompt(), _images(src, self.variant, size, preprocessing, slab_tokens, volumes, frames))
                 for q, src in batch
             ]
             texts = answerer.answer(prompts, self.max_new_tokens)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import yaml
 from PIL import Image
@@ -32,6 +33,7 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
     SiglipVisionModel,
+    VivitImageProcessor,
 )
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
@@ -128,13 +130,16 @@ class VolumePreprocessing(BaseModel):
         *,
         max_bytes: int = MAX_SCAN_BYTES,
         max_voxels: int = MAX_SCAN_VOXELS,
+        frames: int | None = None,
     ) -> list[Image.Image]:
         """A scan (`medvl.imaging.read_scan`: a NIfTI file, a DICOM series as a folder or zip) -> its
-        slabs: the spec for its modality through `VolumeSpec.apply`, then K = `slab_count` slabs."""
+        slabs: the spec for its modality through `VolumeSpec.apply`, then K = `slab_count` slabs, or
+        `frames` slabs for a native-route model (`native_frames`), whatever the budget."""
         name = name or ("<bytes>" if isinstance(source, bytes) else str(source))
         img, modality = read_scan(source, name, max_bytes=max_bytes, max_voxels=max_voxels)
         array = self.spec_for(modality).apply(img, name=name).array
-        return volume_slabs(array, slab_count(array.shape[1], tokens_per_image, self.volume_tokens))
+        k = frames or slab_count(array.shape[1], tokens_per_image, self.volume_tokens)
+        return volume_slabs(array, k)
 
 
 @dataclass
@@ -158,30 +163,71 @@ class VLM:
         save_input_descriptions(self.preprocessing, self.volumes, folder)
 
 
-def _num_additional_tokens(vision_config: PretrainedConfig, strategy: str) -> int:
-    # CLIP prepends a CLS token; "default" drops it again, so the processor must count it
-    # (transformers: num_additional_image_tokens=1). SigLIP has no CLS token.
-    has_cls = vision_config.model_type.startswith("clip")
-    return 1 if has_cls else 0
+# Vision towers whose patch embedding is a Conv3d over (frames, height, width): a model with one is on
+# the `native` 3D route (docs/3d.md). Its input is a volume of `num_frames` slabs, [T, 3, H, W]; the
+# `slices` route's towers (CLIP, SigLIP) see 2D images.
+NATIVE_TOWERS = ("vivit",)
+
+
+def native_frames(config: PretrainedConfig) -> int | None:
+    """The slabs a native-route model sees per volume (its tower's `num_frames`); None for a 2D tower.
+    `config`: the Llava config or its vision config."""
+    vision = getattr(config, "vision_config", config)
+    return vision.num_frames if vision.model_type in NATIVE_TOWERS else None
+
+
+def tower_slabs(config: PretrainedConfig, slabs: list[Image.Image]) -> list:
+    """A volume's slabs as its 3D tower's image processor takes them: RGB images, or for a one-channel
+    tower (M3D's) grey [H, W, 1] arrays (the processor takes no 2D array; a slab of one slice shows that
+    slice in every channel, so grey is the slice)."""
+    vision = getattr(config, "vision_config", config)
+    if vision.num_channels == 1:
+        return [np.asarray(im.convert("L"))[..., None] for im in slabs]
+    return [im.convert("RGB") for im in slabs]
+
+
+def tower_patches(vision_config: PretrainedConfig) -> int:
+    """Patch tokens the tower makes of one input: (H / p)^2, times T / t frames for a 3D tower."""
+    if native_frames(vision_config):
+        t, p, q = vision_config.tubelet_size
+        return (
+            (vision_config.num_frames // t)
+            * (vision_config.image_size // p)
+            * (vision_config.image_size // q)
+        )
+    return (vision_config.image_size // vision_config.patch_size) ** 2
+
+
+def _has_cls(vision_config: PretrainedConfig) -> bool:
+    # CLIP and ViViT prepend a CLS token; "default" drops it again. SigLIP has none.
+    return vision_config.model_type.startswith("clip") or vision_config.model_type in NATIVE_TOWERS
 
 
 def make_processor(
     image_processor, tokenizer, vision_config: PretrainedConfig, strategy: str
 ) -> LlavaProcessor:
     tokenizer.padding_side = "left"  # decoder-only batched generation pads on the left
+    if native_frames(vision_config):
+        # The processor counts (H / p)^2 + additional - (1 for "default") tokens per image; for a volume
+        # tower the additional count makes that the tower's T/t * (H/p)^2. medvl's own `encode` expands
+        # a volume's `<image>` itself (the processor's check counts frames as images).
+        p = vision_config.tubelet_size[1]
+        additional = tower_patches(vision_config) - (vision_config.image_size // p) ** 2 + 1
+    else:
+        p = vision_config.patch_size
+        additional = 1 if _has_cls(vision_config) else 0
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=vision_config.patch_size,
+        patch_size=p,
         vision_feature_select_strategy=strategy,
-        num_additional_image_tokens=_num_additional_tokens(vision_config, strategy),
+        num_additional_image_tokens=additional,
         image_token=IMAGE_TOKEN,
         chat_template=CHAT_TEMPLATE,
     )
 
 
 def _llava_config(vision_config, text_config, tokenizer, layer: int, strategy: str) -> LlavaConfig:
-    n_patches = (vision_config.image_size // vision_config.patch_size) ** 2
     return LlavaConfig(
         vision_config=vision_config,
         text_config=text_config,
@@ -189,8 +235,8 @@ def _llava_config(vision_config, text_config, tokenizer, layer: int, strategy: s
         projector_hidden_act="gelu",
         vision_feature_layer=layer,
         vision_feature_select_strategy=strategy,
-        image_seq_length=n_patches
-        + (1 if strategy == "full" and vision_config.model_type.startswith("clip") else 0),
+        image_seq_length=tower_patches(vision_config)
+        + (1 if strategy == "full" and _has_cls(vision_config) else 0),
         tie_word_embeddings=getattr(text_config, "tie_word_embeddings", False),
     )
 
@@ -213,7 +259,9 @@ def build_from_configs(spec: PresetSpec, tokenizer, seed: int = 0) -> VLM:
         vcfg, tcfg, tokenizer, spec.vision_feature_layer, spec.vision_feature_select_strategy
     )
     model = LlavaForConditionalGeneration(config)
-    image_processor = square_image_processor(vcfg.image_size)
+    image_processor = (volume_image_processor if native_frames(vcfg) else square_image_processor)(
+        vcfg.image_size
+    )
     processor = make_processor(image_processor, tokenizer, vcfg, spec.vision_feature_select_strategy)
     _set_generation_defaults(model, tokenizer)
     return VLM(model.eval(), processor)
@@ -224,6 +272,25 @@ def square_image_processor(size: int) -> CLIPImageProcessorPil:
     images keep their whole field of view), CLIP's normalisation."""
     return CLIPImageProcessorPil(
         size={"height": size, "width": size}, do_center_crop=False, crop_size={"height": size, "width": size}
+    )
+
+
+def volume_image_processor(
+    size: int, image_mean: list[float] | None = None, image_std: list[float] | None = None
+) -> VivitImageProcessor:
+    """The native route's processor (transformers' ViViT one, so stock `AutoImageProcessor` loads it):
+    each of a volume's slabs as `square_image_processor` treats an image (a `size` square, no crop,
+    CLIP's normalisation unless another mean and std are given), stacked into [T, C, H, W]."""
+    clip = square_image_processor(size)
+    return VivitImageProcessor(
+        size={"height": size, "width": size},
+        do_center_crop=False,
+        crop_size={"height": size, "width": size},
+        rescale_factor=1 / 255,
+        offset=False,
+        image_mean=clip.image_mean if image_mean is None else image_mean,
+        image_std=clip.image_std if image_std is None else image_std,
+        resample=clip.resample,
     )
 
 

@@ -67,3 +67,24 @@ def corpus_texts(path: Path) -> list[str]:
         for row in read_rows(path)
         for turn in row.get("conversations") or []
     ]
+
+
+def convert_m3d_command(
+    source: Path = typer.Argument(..., help="M3D checkpoint: a .safetensors file or a folder of them."),
+    out: Path = typer.Option(..., help="Folder for the stock ViViT encoder (weights, config, processor)."),
+    image_size: tuple[int, int, int] = typer.Option(
+        (32, 256, 256), help="Volume size D H W it was trained at."
+    ),
+    patch_size: tuple[int, int, int] = typer.Option((4, 16, 16), help="Patch size along D H W."),
+    in_channels: int = typer.Option(1, help="Input channels."),
+    heads: int = typer.Option(12, help="Attention heads (not recorded in the weights)."),
+) -> None:
+    """M3D's 3D ViT (M3D-CLIP, M3D-LaMed) -> transformers' ViViT: the native 3D route's tower, to
+    assemble with `medvl build --vision <out> --llm ...` (docs/3d.md)."""
+    from medvl.model.convert import convert_m3d
+
+    model = convert_m3d(
+        source, out, image_size=image_size, patch_size=patch_size, in_channels=in_channels, num_heads=heads
+    )
+    n = sum(p.numel() for p in model.parameters())
+    typer.echo(f"wrote {out} (ViViT, {model.config.num_hidden_layers} layers, {n / 1e6:.1f}M parameters)")

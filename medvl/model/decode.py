@@ -12,13 +12,16 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from medvl.model.build import VLM
+from medvl.model.build import VLM, native_frames, tower_slabs
 
 
 @dataclass
 class Conversation:
+    """`images`: one per image part. For a native-route model (a 3D tower, `native_frames`) an image
+    part is a volume: its T slabs as a list, or a 2D image, fed as a still volume (the image T times)."""
+
     messages: list[dict]
-    images: list[Image.Image] = field(default_factory=list)
+    images: list[Image.Image | list[Image.Image]] = field(default_factory=list)
 
 
 @dataclass
@@ -38,11 +41,14 @@ def user_turn(question: str, image: Image.Image | None = None) -> Conversation:
 
 
 def encode(vlm: VLM, conversations: list[Conversation]) -> dict[str, torch.Tensor]:
-    """Prompts for a batch (left-padded), with the image tokens expanded by the processor."""
+    """Prompts for a batch (left-padded), with the image tokens expanded by the processor. A
+    native-route model's volumes: each `<image>` becomes the config's `image_seq_length` image tokens
+    (the processor's own check would count a volume's slabs as images) and the pixel values
+    [n, T, 3, H, W] come from its image processor, as in training."""
     prompts = [
         vlm.processor.apply_chat_template(c.messages, add_generation_prompt=True) for c in conversations
     ]
-    images = [im.convert("RGB") for c in conversations for im in c.images]
+    frames = native_frames(vlm.model.config)
     for c in conversations:
         n_parts = sum(
             1
@@ -53,9 +59,30 @@ def encode(vlm: VLM, conversations: list[Conversation]) -> dict[str, torch.Tenso
         )
         if n_parts != len(c.images):
             raise ValueError(f"conversation has {n_parts} image parts but {len(c.images)} images")
+    if frames:
+        return encode_volumes(vlm, prompts, [im for c in conversations for im in c.images], frames)
+    images = [im.convert("RGB") for c in conversations for im in c.images]
     return vlm.processor(text=prompts, images=images or None, padding=True, return_tensors="pt").to(
         vlm.model.device
     )
+
+
+def encode_volumes(
+    vlm: VLM, prompts: list[str], inputs: list[Image.Image | list[Image.Image]], frames: int
+) -> dict[str, torch.Tensor]:
+    """`encode` for a native-route model (its docstring)."""
+    volumes = []
+    for x in inputs:
+        slabs = [x] * frames if isinstance(x, Image.Image) else list(x)
+        if len(slabs) != frames:
+            raise ValueError(f"a volume of {len(slabs)} slabs; this model's 3D tower reads {frames}")
+        volumes.append(tower_slabs(vlm.model.config, slabs))
+    token = vlm.processor.image_token
+    expanded = [p.replace(token, token * vlm.model.config.image_seq_length) for p in prompts]
+    out = dict(vlm.tokenizer(expanded, padding=True, return_tensors="pt"))
+    if volumes:
+        out |= vlm.processor.image_processor(volumes, return_tensors="pt")
+    return {k: v.to(vlm.model.device) for k, v in out.items()}
 
 
 @torch.inference_mode()

@@ -43,7 +43,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from medvl import RESEARCH_ONLY
 from medvl.imaging import Preprocessing, read_image
 from medvl.imaging.slabs import MAX_SCAN_VOXELS
-from medvl.model.build import VLM, VolumePreprocessing
+from medvl.model.build import VLM, VolumePreprocessing, native_frames
 from medvl.model.decode import Completion, Conversation
 from medvl.serve.batcher import Batcher, QueueFull, Sampling
 from medvl.serve.limits import PromptCounter
@@ -89,6 +89,7 @@ class ScanReader:
     tokens_per_image: int
     max_bytes: int
     max_voxels: int
+    frames: int | None = None  # native route: a scan is one input of this many slabs, whatever the budget
 
     @classmethod
     def of(cls, vlm: VLM, volume_tokens: int | None, max_bytes: int, max_voxels: int) -> ScanReader:
@@ -96,12 +97,22 @@ class ScanReader:
         if the budget pays for no image."""
         volumes, per_image = vlm.volumes.with_tokens(volume_tokens), vlm.model.config.image_seq_length
         volumes.check_budget(per_image)
-        return cls(volumes, per_image, max_bytes, max_voxels)
+        return cls(volumes, per_image, max_bytes, max_voxels, native_frames(vlm.model.config))
 
     def slabs(self, source: str | Path | bytes, name: str | None = None) -> list[Image.Image]:
         return self.volumes.slabs(
-            source, self.tokens_per_image, name, max_bytes=self.max_bytes, max_voxels=self.max_voxels
+            source,
+            self.tokens_per_image,
+            name,
+            max_bytes=self.max_bytes,
+            max_voxels=self.max_voxels,
+            frames=self.frames,
         )
+
+    def inputs(self, slabs: list[Image.Image]) -> list:
+        """What the model is given for a scan: its slabs as one image part each (slices route), or the
+        slabs as one volume behind one image part (native route)."""
+        return [slabs] if self.frames else slabs
 
 
 class APIError(Exception):
@@ -349,7 +360,7 @@ async def _conversation(
     preprocessing: Preprocessing,
 ) -> Conversation:
     """The request's messages in the transformers shape, with its images decoded (off the event loop);
-    a scan's image part becomes one image part per slab."""
+    a scan's image part becomes one image part per slab (slices route) or stays one (native route)."""
     if req.messages[-1].role != "user":
         raise APIError(
             400, "the last message must come from the user", f"messages.{len(req.messages) - 1}.role"
@@ -389,13 +400,13 @@ async def _conversation(
 
 async def _images(
     url: str, param: str, settings: ServeSettings, size: int, scans: ScanReader, preprocessing: Preprocessing
-) -> list[Image.Image]:
-    """An image part's images: one, or a scan's slabs."""
+) -> list:
+    """An image part's images: one, or a scan's inputs (`ScanReader.inputs`)."""
     if url.startswith("data:"):
         mime, data = _data_url_bytes(url, param, settings)
         if mime in VOLUME_URL_TYPES:
             try:
-                return await run_in_threadpool(scans.slabs, data)
+                return scans.inputs(await run_in_threadpool(scans.slabs, data))
             except ValueError as e:
                 raise APIError(400, f"{param}: {e}", param, "invalid_volume") from None
     elif url.startswith(("http://", "https://")):

@@ -26,7 +26,7 @@ def chat(
 
     from medvl import RESEARCH_ONLY
     from medvl.imaging import is_scan, read_image
-    from medvl.model.build import load, load_preprocessing, load_volumes
+    from medvl.model.build import load, load_preprocessing, load_volumes, native_frames
     from medvl.model.decode import Conversation, generate
 
     images = []
@@ -39,7 +39,11 @@ def chat(
             if config is None:
                 load(model)  # raises its own error
             # the model's spec for the scan's modality, as the server does
-            images = load_volumes(model).with_tokens(volume_tokens).slabs(image, config.image_seq_length)
+            scans = load_volumes(model).with_tokens(volume_tokens)
+            frames = native_frames(config)
+            slabs = scans.slabs(image, config.image_seq_length, frames=frames)
+            # a native-route model reads the scan as one volume; the slices route as K images
+            images = [slabs] if frames else slabs
         else:
             size = config.vision_config.image_size if config is not None else None
             images = [read_image(image, load_preprocessing(model), size=size)]

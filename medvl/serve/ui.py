@@ -43,13 +43,14 @@ def build(vlm: VLM, batcher: Batcher, scans: ScanReader, max_new_tokens: int = 2
         try:
             if is_scan(path):
                 slabs = scans.slabs(path)
-                return slabs, gr.Image(None, visible=False), gr.Gallery(thumbnails(slabs), visible=True), []
+                shown = gr.Gallery(thumbnails(slabs), visible=True)
+                return scans.inputs(slabs), gr.Image(None, visible=False), shown, []
             image = read_image(path, vlm.preprocessing, size=vlm.model.config.vision_config.image_size)
         except ValueError as e:
             raise gr.Error(str(e)) from None
         return [image], gr.Image(image, visible=True), gr.Gallery(None, visible=False), []
 
-    async def answer(question: str, history: list[dict], images: list[Image.Image] | None):
+    async def answer(question: str, history: list[dict], images: list | None):
         question = question.strip()
         if not question:
             return

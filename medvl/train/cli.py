@@ -34,3 +34,48 @@ def pipeline(
     # Validate every stage's config before the first one starts.
     cfgs = [load_config(p) for p in configs]
     run_stages(cfgs, model, resume)
+
+
+def pretrain_3d(
+    source: Path = typer.Argument(
+        ...,
+        help="A curated folder (its volume records, captioned from their labels) or a JSONL file of "
+        '{"volume": <.npy or scan path, relative to the file>, "text": <report>} pairs.',
+    ),
+    out: Path = typer.Option(..., help="Folder for the pretrained 3D tower (weights, config, processor)."),
+    preset: str = typer.Option("tiny-3d", help="Preset whose 3D vision tower is pretrained."),
+    steps: int = typer.Option(300, help="Optimizer steps."),
+    batch_size: int = typer.Option(16, help="Pairs per step (the in-batch negatives)."),
+    lr: float = typer.Option(1e-3, help="Peak learning rate (cosine)."),
+    splits: list[str] = typer.Option(
+        ["train"], "--split", help="Curated splits to use (records of none: always)."
+    ),
+    seed: int = typer.Option(0),
+) -> None:
+    """CLIP-style pretraining of a 3D tower on volume-text pairs, before stage I aligns it (the native
+    route, docs/3d.md); assemble with `medvl build --vision <out> --llm ...`."""
+    from medvl.model.build import load_preset
+    from medvl.records import read_rows
+    from medvl.train.pretrain import pretrain_volume_text, volume_text_pairs
+
+    if source.is_dir():
+        pairs = [p for p in volume_text_pairs(source) if p["split"] in (*splits, "")]
+        root = source
+    else:
+        pairs, root = read_rows(source), source.parent
+        for i, p in enumerate(pairs):
+            if not isinstance(p.get("volume"), str) or not isinstance(p.get("text"), str):
+                raise ValueError(f"{source}: line {i + 1}: needs string fields 'volume' and 'text'")
+    typer.echo(f"{len(pairs)} volume-text pairs")
+    pretrain_volume_text(
+        load_preset(preset),
+        pairs,
+        root,
+        out,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        log=typer.echo,
+    )
+    typer.echo(f"wrote {out}")

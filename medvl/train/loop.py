@@ -31,7 +31,7 @@ from medvl.data.conversations import IGNORE, Collator, ConversationDataset
 from medvl.data.packing import PackedCollator
 from medvl.imaging import VolumeSpec
 from medvl.model.attention import register_varlen
-from medvl.model.build import VLM, VolumePreprocessing, load, load_preprocessing
+from medvl.model.build import VLM, VolumePreprocessing, load, load_preprocessing, native_frames
 from medvl.train import lora as lora_lib
 from medvl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_final
 from medvl.train.config import DataSource, Freeze, Lora, StageConfig
@@ -90,6 +90,8 @@ def prepare_model(
     if image_size and image_size != vision.image_size:
         raise ValueError(f"image_size {image_size} differs from the vision tower's {vision.image_size}")
     if resolution_sizes:
+        if native_frames(vision):
+            raise ValueError("resolution_schedule: a 3D (native) tower reads volumes at its own size only")
         if resolution_sizes[-1] != vision.image_size:
             raise ValueError(
                 f"resolution_schedule ends at {resolution_sizes[-1]}px, the tower works at "

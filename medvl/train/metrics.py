@@ -10,6 +10,8 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from medvl.model.build import native_frames, tower_patches
+
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """Dense matmul peak for MFU: known datacenter GPUs by name, else measured here (CPU)."""
@@ -65,7 +67,10 @@ def flops_per_step(
     llm_trains = model.lm_head.weight.requires_grad
     llm_factor = 2 + 2 + 2 * llm_trains  # something upstream of the LM always trains
     vision_factor = 2 + 4 * vision_trains
-    patches = ((image_size or vt.config.image_size) // vt.config.patch_size) ** 2 + 1
+    if native_frames(vt.config):  # a 3D tower: its tubelets of one volume, and its CLS token
+        patches = tower_patches(vt.config) + 1
+    else:
+        patches = ((image_size or vt.config.image_size) // vt.config.patch_size) ** 2 + 1
     lm = (n_llm * n_text_tokens + n_head * n_logits) * llm_factor
     return lm + n_vision * patches * n_images * vision_factor
 
