@@ -186,13 +186,13 @@ def test_two_machines_match_one_process(setup, single):
     assert_same_weights(root / "single" / "final", root / "nodes" / "final")
 
 
-def assert_same_weights(a: Path, b: Path) -> None:
+def assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
     from safetensors.torch import load_file
 
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert wa.keys() == wb.keys()
     for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=atol, msg=k)
 
 
 @pytest.mark.parametrize("route", ["slices", "native"])
@@ -240,4 +240,8 @@ def test_mixed_2d_and_3d_under_fsdp_match_one_process(route, mixed_data, tmp_pat
     log = launch(tmp_path, write(tmp_path, cfg, "fsdp"), *launcher)
     assert "x 2 processes" in log and "FSDP: FSDPLlavaForConditionalGeneration" in log
     assert losses(tmp_path, "fsdp") == pytest.approx(losses(tmp_path, "single"), rel=1e-4)
-    assert_same_weights(tmp_path / "single" / "final", tmp_path / "fsdp" / "final")
+    # AdamW moves every weight by about lr (1e-3) a step whatever its gradient's size, so where a
+    # gradient is near zero the summation order (two ranks' reduce vs one process's accumulation)
+    # can move it differently: one element of 65,536 in an LM layer was 1.6e-5 apart in one CI run.
+    # 1e-4 still catches a wrongly sharded or skipped update, which is off by a step's 1e-3.
+    assert_same_weights(tmp_path / "single" / "final", tmp_path / "fsdp" / "final", atol=1e-4)
