@@ -131,7 +131,8 @@ CURATED_COLUMNS: tuple[Column, ...] = (
         "`spacing_mm` and `origin_mm` (LPS position of voxel [0, 0, 0]) of the array, `source` (the file's "
         "own `size`, `spacing_mm` in its axis order and `orientation` code, e.g. RAS), `boxes` (per "
         "connected component of a label: `label, z_min, y_min, x_min, z_max, y_max, x_max` in voxels of "
-        "the array, maxima exclusive) and `slices` (label -> [first, last + 1) slice). docs/3d.md.",
+        "the array, maxima exclusive), `slices` (label -> [first, last + 1) slice) and `measures` (label -> "
+        "`voxels` and `centroid` [slice, row, column] on the array's grid). docs/3d.md.",
         default="",
     ),
     Column(

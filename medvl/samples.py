@@ -337,6 +337,8 @@ ZH_TERMS: dict[str, str] = {
     "retinal hemorrhages": "视网膜出血", "hard exudates": "硬性渗出", "nevus": "色素痣",
     "melanoma": "黑色素瘤", "adenocarcinoma": "腺癌", "metastasis": "转移瘤",
     "grade 1": "1级", "grade 2": "2级", "grade 3": "3级",
+    # the synthetic CT phantoms (medvl.synth.phantom)
+    "aorta": "主动脉", "bone": "骨骼", "ventricle": "脑室", "lesion": "病灶",
 }
 # fmt: on
 
@@ -735,6 +737,87 @@ def validate(sample: dict, facts: FactSheet, original: dict | None = None) -> li
     if not _boxes_ok(sample, facts):
         reasons.append("box mismatch")
     if sample["format"] == "perception" and not _mc_ok(sample):
+        reasons.append("mc options")
+    if not _leak_free(sample):
+        reasons.append("leak phrase")
+    if not _length_ok(sample):
+        reasons.append("length")
+    if not _language_ok(sample):
+        reasons.append("language")
+    if sample["lang"] == "zh" and original is not None and not _zh_matches(sample, original):
+        reasons.append("zh mismatch")
+    return reasons
+
+
+def _volume_schema_ok(sample: dict) -> bool:
+    """The 2D schema, with a stored volume (`volume`) for an image and 6-number 3D boxes."""
+    flat = {k: v for k, v in sample.items() if k not in ("volume", "box")}
+    if isinstance(sample.get("volume"), str):
+        flat["image"] = sample["volume"]
+    if sample.get("format") == "region":
+        box = sample.get("box")
+        if not (isinstance(box, list) and len(box) == 6):
+            return False
+        flat["box"] = box[:4]
+    return _schema_ok(flat)
+
+
+def _volume_facts_ok(sample: dict, facts) -> bool:
+    """An English multiple-choice sample's gold agrees with the volume's facts; a 3D box is one of its
+    boxes and is in the question; a side stated next to a label is that label's side."""
+    from medvl.volume_facts import SIDES
+
+    fmt = sample["format"]
+    if fmt == "perception" and sample["lang"] == "en":
+        kind, _, x = str(sample.get("kind", "")).partition(":")
+        opts, letter = sample["options"], sample["answer"]
+        gold = opts[OPTION_LETTERS.index(letter)]
+        f = facts.labels.get(x)
+        if kind == "organ":
+            return gold in facts.labels and all(o in facts.absent for o in opts if o != gold)
+        if kind == "presence":
+            return gold == ("yes" if x in facts.labels else "no") and (x in facts.labels or x in facts.absent)
+        if kind in ("side", "third", "size"):
+            return f is not None and gold == getattr(f, kind)
+        if kind == "plane":
+            return gold == sample.get("plane")
+        return False
+    if fmt == "region":
+        from medvl.volume_facts import box_3d, format_box_3d
+
+        known = [box_3d(b, facts.shape) for b in facts.boxes]
+        return sample["box"] in known and format_box_3d(sample["box"]) in sample["conversations"][0]["value"]
+    if sample["lang"] == "en":
+        for reply in _replies(sample):
+            for sentence in _SENTENCE.split(reply):
+                named = [t for t, _, _ in mentions(sentence, facts.labels)]
+                stated = [s for s in SIDES if s in sentence]
+                if len(named) == 1 and stated and stated != [facts.labels[named[0]].side]:
+                    return False
+    return True
+
+
+def validate_volume(sample: dict, facts, original: dict | None = None) -> list[str]:
+    """:func:`validate` for a sample of a volume record (`facts`: `medvl.volume_facts.VolumeFacts`):
+    schema, image token, every present label in a caption, no verified-absent label asserted, the
+    multiple-choice gold, side and 3D box against the facts ("laterality" / "mc options" / "box
+    mismatch"), leak phrases, length, language, and a Chinese sample's letters and numbers."""
+    if not _volume_schema_ok(sample):
+        return ["schema"]
+    reasons = []
+    if not _image_token_ok(sample):
+        reasons.append("image token")
+    present, _ = assertions("\n".join(_replies(sample)), set(facts.label_space) | set(facts.labels))
+    if sample["format"] == "caption" and not set(facts.labels) <= present:
+        reasons.append("missing label")
+    if present & set(facts.absent):
+        reasons.append("asserted absent")
+    facts_ok = _volume_facts_ok(sample, facts)
+    if not facts_ok and sample["format"] not in ("perception", "region"):
+        reasons.append("laterality")
+    if sample["format"] == "region" and not facts_ok:
+        reasons.append("box mismatch")
+    if sample["format"] == "perception" and not (_mc_ok(sample) and facts_ok):
         reasons.append("mc options")
     if not _leak_free(sample):
         reasons.append("leak phrase")

@@ -22,6 +22,7 @@ from medvl.eval.harness import _images, answerer_volumes, as_answerer, evaluate,
 from medvl.imaging import VolumeSpec, content_hash, slab_count, volume_slabs
 from medvl.synth import benchmark3d as b3
 from medvl.synth.phantom import LESION_LABEL, make_phantom
+from medvl.volume_facts import side_of, third_of
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "data" / "eval3d"
@@ -38,13 +39,13 @@ def test_the_benchmark_spec_is_the_synthetic_3d_cards() -> None:
 
 
 def test_measures_by_hand() -> None:
-    assert b3.lesion_side(40.0, 64) == "patient's left"  # middle column 31.5; LPS columns run leftwards
-    assert b3.lesion_side(20.0, 64) == "patient's right"
-    assert b3.lesion_side(32.5, 64) is None  # within 2 columns of the middle
-    assert b3.lesion_third(3.0, 32) == "lower third (inferior)"
-    assert b3.lesion_third(16.0, 32) == "middle third"
-    assert b3.lesion_third(28.0, 32) == "upper third (superior)"
-    assert b3.lesion_third(10.2, 32) is None  # 3 * 10.7 / 32 = 1.003: on the boundary
+    assert side_of(40.0, 64) == "patient's left"  # middle column 31.5; LPS columns run leftwards
+    assert side_of(20.0, 64) == "patient's right"
+    assert side_of(32.5, 64) is None  # within 2 columns of the middle
+    assert third_of(3.0, 32) == "lower third (inferior)"
+    assert third_of(16.0, 32) == "middle third"
+    assert third_of(28.0, 32) == "upper third (superior)"
+    assert third_of(10.2, 32) is None  # 3 * 10.7 / 32 = 1.003: on the boundary
     labels = np.zeros((32, 64, 64), np.uint8)
     labels[10:12, 20:25, 40:45] = LESION_LABEL  # 50 voxels of 5 x 6.25 x 6.25 mm: 9765.625 mm^3
     facts = b3.lesion_facts(labels, b3.SPEC.spacing)

@@ -38,6 +38,7 @@ from medvl.imaging import (
     volume_planes,
 )
 from medvl.records import Strict, read_rows
+from medvl.volume_facts import label_measures
 
 from .images import as_label_array, mask_boxes, mask_regions, slice_presence
 
@@ -72,6 +73,7 @@ class SourceVolume:
     labels: list[str]  # labels present in the array (from the label volume on the array's grid)
     boxes: list[dict]  # 3D boxes in voxels of the array (imaging.label_boxes)
     slices: dict[str, list[int]]  # label -> [first, last + 1) slice of the array
+    measures: dict[str, dict]  # label -> voxels and centroid on the array's grid (volume_facts)
     source: dict  # the input's size, spacing and orientation code
     origin_mm: list[float]  # LPS position of voxel [0, 0, 0]
     modality: str | None = None
@@ -653,9 +655,8 @@ def volume_samples(
     if opts.volume is not None:
         # The file as read, not `lps`: the spec reorients it itself and records the file's orientation.
         v = opts.volume.apply(img, None if lab is None else lab, lrel or rel)
-        boxes, ranges = (
-            ([], {}) if v.labels is None else label_boxes(as_label_array(v.labels, lrel), card.label_names)
-        )
+        larr = None if v.labels is None else as_label_array(v.labels, lrel)
+        boxes, ranges = ([], {}) if larr is None else label_boxes(larr, card.label_names)
         yield SourceVolume(
             v.array,
             opts.volume,
@@ -663,6 +664,7 @@ def volume_samples(
             labels=_uniq(boxes),
             boxes=boxes,
             slices=ranges,
+            measures={} if larr is None else label_measures(larr, card.label_names),
             source=v.source,
             origin_mm=v.origin_mm,
             modality=modality,

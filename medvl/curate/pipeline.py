@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from medvl.errors import InputError
-from medvl.imaging import content_hash, perceptual_hash
-from medvl.jobs import DriverStep, Drop, Flag, Outcome, Quarantine, Step, atomic_write, run
+from medvl.imaging import content_hash, perceptual_hash, store_volume
+from medvl.jobs import DriverStep, Drop, Flag, Outcome, Quarantine, Step, run
 from medvl.records import CURATED_COLUMNS, curated_schema
 from medvl.vocab import BODY_REGIONS, CLINICAL_TASKS, normalize_modality
+from medvl.volume_facts import merge_measures
 
 from .adapters import ADAPTERS, SourceImage, SourceVolume, card_preprocessing
 from .card import Card
@@ -90,6 +91,10 @@ def build_volume_record(card: Card, v: SourceVolume) -> dict:
         name = relabel(label, label)
         old = slices.get(name, [lo, hi])
         slices[name] = [min(old[0], lo), max(old[1], hi)]
+    measures: dict[str, dict] = {}
+    for label, m in v.measures.items():
+        name = relabel(label, label)
+        measures[name] = merge_measures(measures.get(name), m)
     volume = {
         "file": f"{VOLUMES}/{sha}.npy",
         "shape": list(a.shape),
@@ -99,6 +104,7 @@ def build_volume_record(card: Card, v: SourceVolume) -> dict:
         "source": v.source,
         "boxes": [{**b, "label": relabel(b["label"], b["label"])} for b in v.boxes],
         "slices": slices,
+        "measures": measures,
     }
     return {
         "id": f"{card.name}/{v.file}#volume",
@@ -306,26 +312,10 @@ class Deduplicate(DriverStep):
                     rec["duplicate_of"] = dup["of"]
                     result.append(Flag("duplicate", detail))
                 if array is not None:
-                    write_volume(self.out, rec["sha256"], array)
+                    store_volume(self.out, array)  # named by the record's sha256
                 self.keep(rec, key)
             result.append(rec)
         return result
-
-
-def write_volume(out: Path, sha: str, array: np.ndarray) -> None:
-    """`out/volumes/<sha>.npy`, plain .npy (no pickle): written to a temp file then renamed, so a killed
-    run leaves a whole file or a `.tmp` the resumed run deletes. Named by its content, so rewriting it
-    on resume writes the same bytes."""
-    path = out / VOLUMES / f"{sha}.npy"
-    if path.exists():
-        return
-    path.parent.mkdir(exist_ok=True)
-
-    def save(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-
-    atomic_write(path, save)
 
 
 def curate(

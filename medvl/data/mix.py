@@ -152,7 +152,7 @@ def _amounts(mix: Mix, sizes: list[int]) -> list[int]:
 def _format_and_lang(row: dict) -> tuple[str, str]:
     from medvl.samples import lang_of
 
-    fmt = row.get("format") or ("text" if not row.get("image") else "unknown")
+    fmt = row.get("format") or ("text" if not (row.get("image") or row.get("volume")) else "unknown")
     lang = row.get("lang")
     if not lang:
         text = " ".join(t.get("value", "") for t in row.get("conversations") or [] if isinstance(t, dict))
@@ -187,7 +187,7 @@ def _resolve(p: Path, base: Path) -> Path:
 def mix(path: str | Path, out: str | Path, base_dir: str | Path | None = None) -> dict:
     """Write `<out>/<yaml stem>.json` (LLaVA JSON) and `<out>/<yaml stem>.manifest.json`; returns the
     manifest. Relative paths in the YAML are taken from `base_dir` (default: the current directory,
-    as in stage configs). Every image a sample names must exist (an `InputError` names the source
+    as in stage configs). Every image or volume a sample names must exist (an `InputError` names the source
     file and the sample otherwise)."""
     path, out = Path(path), Path(out)
     base = Path(base_dir) if base_dir is not None else Path.cwd()
@@ -225,6 +225,11 @@ def mix(path: str | Path, out: str | Path, base_dir: str | Path | None = None) -
                         raise InputError(str(file), f"[{i}].image", f"image file not found under {root}: {p}")
                     moved.append(os.path.relpath(full, out.resolve()))
                 row["image"] = moved[0] if isinstance(images, str) else moved
+            if row.get("volume"):  # a stored volume (docs/3d.md), relative to the same root
+                full = root / str(row["volume"])
+                if not full.is_file():
+                    raise InputError(str(file), f"[{i}].volume", f"volume file not found under {root}")
+                row["volume"] = os.path.relpath(full, out.resolve())
             rid = f"{s.name}/{row.get('id', i)}"
             seen[rid] += 1
             row["id"] = rid if seen[rid] == 1 else f"{rid}#{seen[rid]}"

@@ -1,8 +1,11 @@
 """Curated records -> validated instruction samples, on `medvl.jobs` (workers, Ray, resume after kill -9).
 
-One item is one curated record. A volume record (`kind == "volume"`) is skipped with the reason
-`SKIP_VOLUME`: samples are written from 2D images only so far (its slices, curated as image records, are
-generated as usual). Any other record's step computes the fact sheet (a bad record — missing field,
+One item is one curated record. A volume record (`kind == "volume"`) gets 3D samples
+(:mod:`medvl.generate.volume`) from its facts (:func:`medvl.volume_facts.volume_facts`), naming its stored
+array, copied once to `volumes/<sha256>.npy` (and, for plane questions, the array turned to another
+plane); a backend without volume support (`Backend.volumes`) skips it with the reason `SKIP_VOLUME`
+(its slices, curated as image records, are generated as usual). Any other record's step computes the fact
+sheet (a bad record — missing field,
 unreadable image, box outside the image — is quarantined with its id and the reason), writes the image
 once as `images/<sha256>.png`, asks the backend for every requested format in English and, for a share
 of (record, format) pairs drawn from the seed, in Chinese, validates each sample against the fact sheet
@@ -12,6 +15,7 @@ Output folder (besides the job files of `medvl.jobs`: `data/part-*.parquet` = th
 per kept sample with its provenance columns; `parts/`, `dropped.jsonl`, `quarantine.jsonl`):
 
     images/<sha256>.png   each record's image, written once (SHA-256 of the PNG file)
+    volumes/<sha256>.npy  each volume record's array (and its turned copies), written once
     samples.jsonl         the kept samples, LLaVA rows (`medvl train` with image_root = this folder)
     rejected.jsonl        every rejected sample with its reasons (and records that gave no sample)
     report.json           counts: read = kept + rejected + quarantined + skipped, by source x format x
@@ -29,13 +33,13 @@ from pathlib import Path
 from medvl.errors import InputError
 from medvl.jobs import Drop, Step, atomic_write, run
 from medvl.records import read_rows
-from medvl.samples import FORMATS, FactSheet, decode_image, fact_sheet, validate
+from medvl.samples import FORMATS, decode_image, fact_sheet, validate
 
 from .backend import Backend, seeded
 
 DEFAULT_SPLITS = ("train",)
 DEFAULT_ZH_SHARE = 0.3
-SKIP_VOLUME = "volume: 3D generation not available yet"
+SKIP_VOLUME = "volume: this backend writes from 2D images (volume records: the template backend)"
 
 
 class GenerateStep(Step):
@@ -96,14 +100,19 @@ class GenerateStep(Step):
         tmp.write_bytes(png)
         os.replace(tmp, path)
 
-    def finish(self, raw: dict, facts: FactSheet, fmt: str, lang: str, i: int, pair: str | None) -> dict:
-        """A backend's raw sample -> the output sample: id, image, format, language, provenance, facts."""
+    def finish(
+        self, raw: dict, facts, fmt: str, lang: str, i: int, pair: str | None, volume: str | None = None
+    ) -> dict:
+        """A backend's raw sample -> the output sample: id, image (or the stored `volume` it names),
+        format, language, provenance, facts."""
         sid = f"{facts.record_id}:{fmt}:{i}:{lang}"
         s: dict = {"id": sid}
-        if fmt != "text":
+        if fmt != "text" and volume is not None:
+            s["volume"] = volume
+        elif fmt != "text":
             s["image"] = f"images/{facts.image_sha256}.png"
         s["conversations"] = raw.get("conversations")
-        for key in ("options", "answer", "kind", "box"):
+        for key in ("options", "answer", "kind", "box", "plane"):
             if key in raw:
                 s[key] = raw[key]
         s["format"], s["lang"] = fmt, lang
@@ -123,17 +132,18 @@ class GenerateStep(Step):
         s["facts"] = self.facts_json(facts)
         return s
 
-    def facts_json(self, facts: FactSheet) -> dict:
+    def facts_json(self, facts) -> dict:
         """The sheet as JSON, once per record (every sample of a record carries the same)."""
         if getattr(self, "_facts", (None,))[0] is not facts:
             self._facts = (facts, json.loads(facts.to_json()))
         return self._facts[1]
 
-    def row(self, s: dict, facts: FactSheet) -> dict:
+    def row(self, s: dict, facts) -> dict:
         p = s["provenance"]
         return {
             "id": s["id"], "record_id": facts.record_id, "source": facts.source, "split": facts.split,
-            "format": s["format"], "lang": s["lang"], "pair_id": s.get("pair_id"), "image": s.get("image"),
+            "format": s["format"], "lang": s["lang"], "pair_id": s.get("pair_id"),
+            "image": s.get("image") or s.get("volume"),
             "modality": facts.modality, "backend": p["backend"], "model": p["model"],
             "prompt_version": p["prompt_version"], "seed": self.seed,
             "sample": json.dumps(s, ensure_ascii=False, sort_keys=True),
@@ -142,7 +152,10 @@ class GenerateStep(Step):
     def __call__(self, item: dict) -> Iterable[dict | Drop]:
         record = item["record"]
         if record.get("kind") == "volume":
-            yield Drop(SKIP_VOLUME)
+            if not self.backend.volumes:
+                yield Drop(SKIP_VOLUME)
+                return
+            yield from self.volume_samples(record, Path(item["root"]))
             return
         png, im = decode_image(record)
         facts = fact_sheet(record, (png, im))
@@ -171,6 +184,56 @@ class GenerateStep(Step):
                 reasons = validate(s, facts, original) if original else ["english rejected"]
                 yield self.reject(s, raw, reasons) if reasons else self.row(s, facts)
 
+    def volume_samples(self, record: dict, root: Path) -> Iterable[dict | Drop]:
+        """The 2D loop for a volume record: its facts, its stored array copied into the output folder,
+        every format in English and a seeded share in Chinese, each sample validated against the facts."""
+        import numpy as np
+
+        from medvl.imaging import store_volume
+        from medvl.samples import validate_volume
+        from medvl.volume_facts import reformat, volume_facts
+
+        rid = str(record.get("id"))
+        try:
+            facts = volume_facts(record)
+        except (KeyError, ValueError, TypeError) as e:
+            raise InputError(rid, "volume", str(e)) from e
+        path = root / facts.file
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise InputError(rid, "volume", f"stored array {path} unreadable: {e}") from e
+        if array.ndim != 4 or list(array.shape) != list(facts.shape):
+            raise InputError(rid, "volume", f"stored array shape {array.shape}, record says {facts.shape}")
+        out = self.images.parent
+        axial = store_volume(out, array)
+        files: dict[str, str] = {}
+
+        def file_for(raw: dict) -> str:
+            plane = raw.get("plane", "axial")
+            if plane not in files:
+                files[plane] = axial if plane == "axial" else store_volume(out, reformat(array, plane))
+            return files[plane]
+
+        for fmt in self.formats:
+            with_zh = seeded(self.seed, rid, fmt, "zh").random() < self.zh_share
+            kept: dict[int, dict] = {}
+            for lang in ("en", "zh") if with_zh else ("en",):
+                raws = self.backend.write_volume(facts, fmt, lang, seeded(self.seed, rid, fmt))
+                for i, raw in enumerate(raws):
+                    original = kept.get(i)
+                    if lang == "zh" and original is None:
+                        continue  # its English sample was rejected: no pair to keep
+                    pair = original["id"] if original else None
+                    s = self.finish(raw, facts, fmt, lang, i, pair, volume=file_for(raw))
+                    reasons = validate_volume(s, facts, original)
+                    if reasons:
+                        yield self.reject(s, raw, reasons)
+                        continue
+                    if lang == "en":
+                        kept[i] = s
+                    yield self.row(s, facts)
+
     @staticmethod
     def reject(s: dict, raw: dict, reasons: list[str]) -> Drop:
         extra = {k: raw[k] for k in ("error", "reply") if k in raw}  # a backend's own account of a failure
@@ -183,6 +246,19 @@ class GenerateStep(Step):
 def load_records(paths: Sequence[str | Path]) -> list[dict]:
     """Curated records from curated output folders (their `data/`), Parquet files or folders of them, in
     order; a record id seen twice is an error (two curated copies of one source)."""
+    return [r for r, _ in load_records_with_roots(paths)]
+
+
+def curated_root(path: Path) -> Path:
+    """The curated folder (where `volumes/` lies) of a path given to :func:`load_records`."""
+    if (path / "data").is_dir():
+        return path
+    folder = path if path.is_dir() else path.parent
+    return folder.parent if folder.name == "data" else folder
+
+
+def load_records_with_roots(paths: Sequence[str | Path]) -> list[tuple[dict, Path]]:
+    """:func:`load_records`, each record with its curated folder."""
     rows, seen = [], {}
     for p in paths:
         p = Path(p)
@@ -194,7 +270,7 @@ def load_records(paths: Sequence[str | Path]) -> list[dict]:
             if rid in seen:
                 raise InputError(str(p), "id", f"record {rid!r} also in {seen[rid]}")
             seen[rid] = str(p)
-            rows.append(r)
+            rows.append((r, curated_root(p)))
     return rows
 
 
@@ -223,8 +299,13 @@ def generate(
     items)` runs first (a backend's dry run, batch files or prefetching); when it returns True the job
     stops there and None is returned."""
     out = Path(out)
-    records = select(load_records(curated), splits)
-    items = [{"id": r["id"], "source": str(r.get("source") or ""), "record": r} for r in records]
+    loaded = load_records_with_roots(curated)
+    roots = {id(r): root for r, root in loaded}
+    records = select([r for r, _ in loaded], splits)
+    items = [
+        {"id": r["id"], "source": str(r.get("source") or ""), "record": r, "root": str(roots[id(r)])}
+        for r in records
+    ]
     step = GenerateStep(
         backend,
         out,

@@ -28,7 +28,7 @@ from .display import (
     resize_spacing,
     to_display,
 )
-from .files import MAX_BYTES, MAX_PIXELS, is_dicom, read_bytes
+from .files import MAX_BYTES, MAX_PIXELS, is_dicom, read_bytes, store_volume
 from .hashing import content_hash, perceptual_hash
 from .preprocessing import DEFAULT_PREPROCESSING, Preprocessing
 from .read import open_image, read_image
@@ -95,6 +95,7 @@ __all__ = [
     "orientation_code",
     "perceptual_hash",
     "read_bytes",
+    "store_volume",
     "read_dicom",
     "read_dicom_series",
     "read_image",

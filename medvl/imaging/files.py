@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import numpy as np
 
 from medvl.errors import InputError
 
@@ -31,3 +34,20 @@ def check_size(source: str | Path | bytes, name: str, max_bytes: int | None) -> 
         raise InputError(name, "file", "empty file")
     if max_bytes is not None and n > max_bytes:
         raise InputError(name, "file", f"{n} bytes, above the {max_bytes}-byte limit")
+
+
+def store_volume(root: str | Path, array: np.ndarray) -> str:
+    """`root/volumes/<sha256>.npy` (plain .npy, no pickle; named by `content_hash` of the array), written
+    to a temp file then renamed, so a killed job leaves a whole file or a temp one, and two workers
+    writing the same volume write the same bytes. Returns the path relative to `root`."""
+    from .hashing import content_hash
+
+    rel = f"volumes/{content_hash(array)}.npy"
+    path = Path(root) / rel
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a name
+            np.save(f, array, allow_pickle=False)
+        os.replace(tmp, path)
+    return rel

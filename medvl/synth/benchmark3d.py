@@ -5,7 +5,8 @@ Each case is a phantom (:mod:`medvl.synth.phantom`) made into the array curation
 synthetic-3d card's `VolumeSpec` (:data:`SPEC`) applied to the image and its label volume, written as
 `volumes/<sha256>.npy` (uint8 [C, S, P, L], LPS) beside the TSV. Every gold answer is computed here from
 the label volume **on the stored grid** (after the same crop, resampling and padding as the image), never
-from a text:
+from a text, by the rules and words of :mod:`medvl.volume_facts`, which `medvl generate` writes 3D
+instructions by:
 
 - **organ**: one organ with at least :data:`MIN_VOXELS` voxels in the volume; the three distractors
   have none.
@@ -34,10 +35,23 @@ from pathlib import Path
 
 import numpy as np
 
-from medvl.imaging import VolumeSpec, content_hash
-from medvl.jobs import atomic_write
+from medvl.imaging import VolumeSpec, store_volume
 from medvl.prompts import OPTION_LETTERS
 from medvl.synth.phantom import LABELS, LESION_KINDS, LESION_LABEL, Phantom, make_phantom
+from medvl.volume_facts import (
+    MIN_VOXELS,
+    PLANES,
+    SIDES,
+    SIZES,
+    THIRDS,
+    reformat,
+    side_of,
+    size_grade,
+    third_of,
+)
+from medvl.volume_facts import (
+    QUESTIONS as VOLUME_QUESTIONS,
+)
 
 # configs/cards/synthetic-3d.yaml's `options.volume` (a test keeps them equal): what curation stores.
 SPEC = VolumeSpec(
@@ -47,51 +61,19 @@ REGIONS = ("chest", "abdomen", "head")
 KINDS = ("organ", "lesion presence", "lesion side", "lesion slice range", "lesion size", "plane")
 # Organs asked about: every label but bone (in every phantom) and the lesion.
 ORGANS = tuple(name for i, name in sorted(LABELS.items()) if name != "bone" and i != LESION_LABEL)
-MIN_VOXELS = 4  # a structure counts as present from 4 voxels of the stored grid (0.8 mL at 5 x 6.25^2 mm)
-SIDE_MARGIN = 2.0  # columns (12.5 mm): the body's centre may lie ~1 column off the array's middle
-THIRD_MARGIN = 0.1  # of a third (~1 slice of 32)
-# Size grades by the equivalent-sphere diameter (mm): small below 22, medium 22-36, large from 36.
-SIZE_BOUNDS_MM = (22.0, 36.0)
-SIZES = ("small (under 22 mm)", "medium (22-36 mm)", "large (36 mm or more)")
-SIZE_MARGIN_MM = 2.0
 # Lesion diameters (mm) the builder draws for each grade, well inside it after resampling.
 _DRAW_DIAMETER_MM = ((14.0, 18.0), (26.0, 31.0), (40.0, 46.0))
 _HOST = {"chest": 1, "abdomen": 4, "head": 8}  # the organ a lesion grows in: lung, liver, brain
-THIRDS = ("lower third (inferior)", "middle third", "upper third (superior)")
-SIDES = ("patient's right", "patient's left")
-PLANES = ("axial", "coronal", "sagittal")
+# The generator's wording (medvl.volume_facts.QUESTIONS), asked about the lesion.
 QUESTIONS = {
-    "organ": "Which of these organs is in this volume?",
-    "lesion presence": "Is there a lesion in this volume?",
-    "lesion side": "On which side of the patient is the lesion?",
-    "lesion slice range": "In which part of the volume's slices is the centre of the lesion?",
-    "lesion size": "How large is the lesion?",
-    "plane": "In which anatomical plane are these sections?",
+    "organ": VOLUME_QUESTIONS["organ"][0],
+    "lesion presence": VOLUME_QUESTIONS["presence"][0].format(label="lesion"),
+    "lesion side": VOLUME_QUESTIONS["side"][0].format(label="lesion"),
+    "lesion slice range": VOLUME_QUESTIONS["third"][0].format(label="lesion"),
+    "lesion size": VOLUME_QUESTIONS["size"][0].format(label="lesion"),
+    "plane": VOLUME_QUESTIONS["plane"][0],
 }
 COLUMNS = ("index", "image", "question", "A", "B", "C", "D", "answer", "category", "case", "evidence")
-
-
-def reformat(array: np.ndarray, plane: str) -> np.ndarray:
-    """A stored uint8 [C, S, P, L] (LPS) array turned so that its second axis is the `plane`'s normal,
-    each section in the usual display: axial as stored; coronal [C, P, S, L] (sections anterior to
-    posterior, rows superior first, columns the patient's right first); sagittal [C, L, S, P] (sections
-    right to left, rows superior first, columns anterior first). A turned volume with more sections than
-    the array has slices is averaged in adjacent groups down to that many, so that every plane gives
-    the same number of slabs (and image tokens) as the axial one."""
-    if plane == "axial":
-        return array
-    if plane == "coronal":
-        turned = array.transpose(0, 2, 1, 3)[:, :, ::-1, :]
-    elif plane == "sagittal":
-        turned = array.transpose(0, 3, 1, 2)[:, :, ::-1, :]
-    else:
-        raise ValueError(f"unknown plane {plane!r}; one of {', '.join(PLANES)}")
-    n, want = turned.shape[1], array.shape[1]
-    if n <= want:
-        return np.ascontiguousarray(turned)
-    edges = [i * n // want for i in range(want + 1)]
-    groups = [turned[:, a:b].mean(axis=1) for a, b in zip(edges, edges[1:], strict=False)]
-    return np.rint(np.stack(groups, axis=1)).astype(np.uint8)
 
 
 # ---------------------------------------------------------------- gold answers from the label volume
@@ -115,27 +97,6 @@ def lesion_facts(labels: np.ndarray, spacing: tuple[float, float, float]) -> dic
         "column": float(x.mean()),
         "diameter_mm": float((6 * volume_mm3 / np.pi) ** (1 / 3)),
     }
-
-
-def lesion_side(column: float, columns: int) -> str | None:
-    middle = (columns - 1) / 2
-    if abs(column - middle) < SIDE_MARGIN:
-        return None
-    return SIDES[1] if column > middle else SIDES[0]  # LPS: columns run towards the patient's left
-
-
-def lesion_third(slice_: float, slices: int) -> str | None:
-    pos = 3 * (slice_ + 0.5) / slices  # voxel centres; 0 = the inferior end
-    nearest = round(pos)
-    if 0 < nearest < 3 and abs(pos - nearest) < THIRD_MARGIN:
-        return None
-    return THIRDS[min(2, int(pos))]
-
-
-def size_grade(diameter_mm: float) -> str | None:
-    if any(abs(diameter_mm - b) < SIZE_MARGIN_MM for b in SIZE_BOUNDS_MM):
-        return None
-    return SIZES[sum(diameter_mm >= b for b in SIZE_BOUNDS_MM)]
 
 
 def case_questions(labels: np.ndarray, plane: str, rng: np.random.Generator) -> list[dict]:
@@ -170,7 +131,7 @@ def case_questions(labels: np.ndarray, plane: str, rng: np.random.Generator) -> 
         add("lesion presence", ["yes", "no"], "yes" if n else "no", f"lesion voxels: {n}")
     if facts is not None and n >= MIN_VOXELS:
         slices, _, columns = labels.shape
-        side = lesion_side(facts["column"], columns)
+        side = side_of(facts["column"], columns)
         if side is not None:
             add(
                 "lesion side",
@@ -178,7 +139,7 @@ def case_questions(labels: np.ndarray, plane: str, rng: np.random.Generator) -> 
                 side,
                 f"mean column {facts['column']:.1f}; middle {(columns - 1) / 2:.1f} (LPS)",
             )
-        third = lesion_third(facts["slice"], slices)
+        third = third_of(facts["slice"], slices)
         if third is not None:
             add(
                 "lesion slice range",
@@ -250,21 +211,6 @@ def make_case(
     return prepare(p)
 
 
-def write_volume_file(root: Path, array: np.ndarray) -> str:
-    """`root/volumes/<sha256>.npy` (curation's name and format); returns its path relative to root."""
-    rel = f"volumes/{content_hash(array)}.npy"
-    path = root / rel
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-
-        def save(tmp: Path) -> None:
-            with tmp.open("wb") as f:  # a file object: np.save would add ".npy" to a name
-                np.save(f, array, allow_pickle=False)
-
-        atomic_write(path, save)
-    return rel
-
-
 def build_synth3d(
     out: str | Path, n: int = 60, seed: int = 1000, shape: tuple[int, int, int] = (32, 128, 128)
 ) -> Path:
@@ -279,8 +225,8 @@ def build_synth3d(
         array, labels = make_case(region, lesion, (seed, i), shape)
         rng = np.random.default_rng([seed, i, 2])
         plane = PLANES[int(rng.integers(3))]
-        files = {"axial": write_volume_file(out, array)}
-        files[plane] = write_volume_file(out, reformat(array, plane))
+        files = {"axial": store_volume(out, array)}
+        files[plane] = store_volume(out, reformat(array, plane))
         for q in case_questions(labels, plane, rng):
             opts = q["options"]
             rows.append(

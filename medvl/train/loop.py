@@ -171,9 +171,12 @@ def stage_volumes(vlm: VLM, volume_tokens: int | None, specs: list[VolumeSpec] |
 def check_volume_shapes(dataset: ConversationDataset, volumes: VolumePreprocessing) -> None:
     """Every volume sample's stored array must have the shape one of the model's specs makes (the one
     chat and serving will apply to scans), so a model is not saved to be served scans preprocessed
-    otherwise than its training volumes."""
+    otherwise than its training volumes. A spec's array turned to another plane (the plane questions
+    of `medvl generate`, `medvl.volume_facts.reformat`) counts as made by it."""
+    from medvl.volume_facts import PLANES, turned_shape
+
     specs = [volumes.spec_for("CT"), volumes.spec_for("")]
-    shapes = {(len(spec.channels()), *spec.size) for spec in specs}
+    shapes = {turned_shape((len(sp.channels()), *sp.size), plane) for sp in specs for plane in PLANES}
     for s in dataset.samples:
         if s.volume is None:
             continue
