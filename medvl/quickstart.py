@@ -122,71 +122,98 @@ def corpus_lines(samples: list[dict]) -> list[str]:
     return lines
 
 
-def run_quickstart(out: Path, size: str = "default", seed: int = 0, log=print) -> dict:
-    from medvl.eval import evaluate
-    from medvl.model.build import build_from_parts, load_preset
+class Laps:
+    """Wall time per pipeline step, logged as each ends."""
+
+    def __init__(self, log) -> None:
+        self.log, self.timings, self.t = log, {}, time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        self.timings[name] = round(time.perf_counter() - self.t, 1)
+        self.log(f"[{name}] done in {self.timings[name]:.0f}s")
+        self.t = time.perf_counter()
+
+
+def pretrain_language_model(spec, stage3: Path, out: Path, steps: int, seed: int, log) -> list[float]:
+    """A tokenizer trained on, and the preset's tiny LM pretrained on, the stage III text (`corpus_lines`)."""
     from medvl.model.tokenizer import train_tokenizer
     from medvl.records import read_rows
+    from medvl.train.pretrain import pretrain_llm
+
+    corpus = corpus_lines(read_rows(stage3))
+    tokenizer = train_tokenizer(corpus, spec.tokenizer_vocab_size)
+    return pretrain_llm(spec, tokenizer, corpus, out / "parts" / "llm", steps=steps, seed=seed, log=log)
+
+
+def assemble(spec, vision: Path, out: Path) -> None:
+    """`out/base`: the model built from the pretrained parts (the path real weights take)."""
+    from medvl.model.build import build_from_parts
+
+    vlm = build_from_parts(
+        str(vision),
+        str(out / "parts" / "llm"),
+        vision_feature_layer=spec.vision_feature_layer,
+        vision_feature_select_strategy=spec.vision_feature_select_strategy,
+    )
+    vlm.save(out / "base")
+
+
+def train_and_evaluate(
+    config_dir: Path, stage_steps: tuple[int, ...], out: Path, bench: str, data: Path, laps: Laps
+) -> tuple[dict, dict]:
+    """Stages I-III from `out/base` by the folder's stage configs, then stage I's and stage III's models
+    on the benchmark: (results by "after stage I" / "after stage III", loss histories by stage)."""
+    from medvl.eval import evaluate
     from medvl.train.config import load_config
     from medvl.train.loop import run_stages
-    from medvl.train.pretrain import pretrain_llm, pretrain_vision
+
+    cfgs = [
+        load_config(config_dir / f"stage{i}.yaml", base_dir=out, max_steps=steps)
+        for i, steps in enumerate(stage_steps, 1)
+    ]
+    finals = run_stages(cfgs, model=out / "base")
+    histories = {cfg.stage: json.loads((cfg.output_dir / "history.json").read_text()) for cfg in cfgs}
+    laps("stages I-III")
+    results = {}
+    for name, folder in (("after stage I", finals[0]), ("after stage III", finals[2])):
+        results[name] = evaluate(str(folder), bench, data, out / "eval" / name.split()[-1])
+    laps("evaluate")
+    return results, histories
+
+
+def run_quickstart(out: Path, size: str = "default", seed: int = 0, log=print) -> dict:
+    from medvl.model.build import load_preset
+    from medvl.records import read_rows
+    from medvl.train.pretrain import pretrain_vision
 
     sz = SIZES[size]
     out = Path(out)
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal t
-        timings[name] = round(time.perf_counter() - t, 1)
-        log(f"[{name}] done in {timings[name]:.0f}s")
-        t = time.perf_counter()
-
+    laps = Laps(log)
     paths = prepare_data(out, size, seed, log)
-    lap("data")
+    laps("data")
 
     log("6/9 training the tokenizer and pretraining the tiny language model on the stage III text")
     spec = load_preset("tiny")
-    corpus = corpus_lines(read_rows(paths["stage3"]))
-    tokenizer = train_tokenizer(corpus, spec.tokenizer_vocab_size)
-    llm_losses = pretrain_llm(
-        spec, tokenizer, corpus, out / "parts" / "llm", steps=sz["llm_steps"], seed=seed, log=log
-    )
-    lap("pretrain_llm")
+    llm_losses = pretrain_language_model(spec, paths["stage3"], out, sz["llm_steps"], seed, log)
+    laps("pretrain_llm")
 
     log("7/9 pretraining the tiny vision tower on the image labels (training images only)")
     records = read_rows(Path(paths["records"]))
     vision_losses = pretrain_vision(
         spec, records, out / "data", out / "parts" / "vision", steps=sz["vision_steps"], seed=seed, log=log
     )
-    lap("pretrain_vision")
+    laps("pretrain_vision")
 
     log("8/9 assembling the model from the pretrained parts (the path real weights take)")
-    vlm = build_from_parts(
-        str(out / "parts" / "vision"),
-        str(out / "parts" / "llm"),
-        vision_feature_layer=spec.vision_feature_layer,
-        vision_feature_select_strategy=spec.vision_feature_select_strategy,
-    )
-    vlm.save(out / "base")
-    lap("assemble")
+    assemble(spec, out / "parts" / "vision", out)
+    laps("assemble")
 
     log("9/9 training stages I, II, III, then evaluating stage I and stage III on the benchmark")
-    cfgs = [
-        load_config(CONFIG_DIR / f"stage{i}.yaml", base_dir=out, max_steps=steps)
-        for i, steps in enumerate(sz["stage_steps"], 1)
-    ]
-    finals = run_stages(cfgs, model=out / "base")
-    histories = {cfg.stage: json.loads((cfg.output_dir / "history.json").read_text()) for cfg in cfgs}
-    lap("stages I-III")
-
-    results = {}
-    for name, folder in (("after stage I", finals[0]), ("after stage III", finals[2])):
-        results[name] = evaluate(str(folder), "mc", Path(paths["bench_tsv"]), out / "eval" / name.split()[-1])
-    lap("evaluate")
-
+    results, histories = train_and_evaluate(
+        CONFIG_DIR, sz["stage_steps"], out, "mc", Path(paths["bench_tsv"]), laps
+    )
     pretrain = {"llm": llm_losses, "vision": vision_losses}
-    return make_report(out, results, histories, pretrain, timings, checks_2d(results), INTRO_2D)
+    return make_report(out, results, histories, pretrain, laps.timings, checks_2d(results), INTRO_2D)
 
 
 # ------------------------------------------------------------------------------------- 3D (--3d)
@@ -260,77 +287,40 @@ INTRO_3D = [
 
 
 def run_quickstart_3d(out: Path, size: str = "default", seed: int = 0, log=print) -> dict:
-    from medvl.eval import evaluate
-    from medvl.model.build import build_from_parts, load_preset
-    from medvl.model.tokenizer import train_tokenizer
-    from medvl.records import read_rows
-    from medvl.train.config import load_config
-    from medvl.train.loop import run_stages
-    from medvl.train.pretrain import pretrain_llm, pretrain_volume_text, volume_text_pairs
+    from medvl.model.build import load_preset
+    from medvl.train.pretrain import pretrain_volume_text, volume_text_pairs
 
     sz = SIZES_3D[size]
     out = Path(out)
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal t
-        timings[name] = round(time.perf_counter() - t, 1)
-        log(f"[{name}] done in {timings[name]:.0f}s")
-        t = time.perf_counter()
-
+    laps = Laps(log)
     paths = prepare_data_3d(out, size, seed, log)
-    lap("data")
+    laps("data")
 
     log("4/8 training the tokenizer and pretraining the tiny language model on the stage III text")
     spec = load_preset("tiny-3d")
-    corpus = corpus_lines(read_rows(paths["stage3"]))
-    tokenizer = train_tokenizer(corpus, spec.tokenizer_vocab_size)
-    llm_losses = pretrain_llm(
-        spec, tokenizer, corpus, out / "parts" / "llm", steps=sz["llm_steps"], seed=seed, log=log
-    )
-    lap("pretrain_llm")
+    llm_losses = pretrain_language_model(spec, paths["stage3"], out, sz["llm_steps"], seed, log)
+    laps("pretrain_llm")
 
     log("5/8 pretraining the 3D tower CLIP-style on the curated volumes and their labels' captions")
+    pairs = volume_text_pairs(out / "curated")
+    tower = out / "parts" / "tower3d"
     tower_losses = pretrain_volume_text(
-        spec,
-        volume_text_pairs(out / "curated"),
-        out / "curated",
-        out / "parts" / "tower3d",
-        steps=sz["tower_steps"],
-        seed=seed,
-        log=log,
+        spec, pairs, out / "curated", tower, steps=sz["tower_steps"], seed=seed, log=log
     )
-    lap("pretrain_tower")
+    laps("pretrain_tower")
 
     log("6/8 assembling the model from the pretrained parts")
-    vlm = build_from_parts(
-        str(out / "parts" / "tower3d"),
-        str(out / "parts" / "llm"),
-        vision_feature_layer=spec.vision_feature_layer,
-        vision_feature_select_strategy=spec.vision_feature_select_strategy,
+    assemble(spec, tower, out)
+    laps("assemble")
+
+    log("7/8 training stages I, II, III, then 8/8 evaluating stage I and stage III on the 3D benchmark")
+    results, histories = train_and_evaluate(
+        CONFIG_3D, sz["stage_steps"], out, "synth3d", Path(paths["bench_tsv"]), laps
     )
-    vlm.save(out / "base")
-    lap("assemble")
-
-    log("7/8 training stages I, II, III")
-    cfgs = [
-        load_config(CONFIG_3D / f"stage{i}.yaml", base_dir=out, max_steps=steps)
-        for i, steps in enumerate(sz["stage_steps"], 1)
-    ]
-    finals = run_stages(cfgs, model=out / "base")
-    histories = {cfg.stage: json.loads((cfg.output_dir / "history.json").read_text()) for cfg in cfgs}
-    lap("stages I-III")
-
-    log("8/8 evaluating stage I and stage III on the synthetic 3D benchmark")
-    results = {}
-    for name, folder in (("after stage I", finals[0]), ("after stage III", finals[2])):
-        results[name] = evaluate(
-            str(folder), "synth3d", Path(paths["bench_tsv"]), out / "eval" / name.split()[-1]
-        )
-    lap("evaluate")
     pretrain = {"llm": llm_losses, "3D tower": tower_losses}
-    return make_report(out, results, histories, pretrain, timings, checks_3d(results), INTRO_3D, group="kind")
+    return make_report(
+        out, results, histories, pretrain, laps.timings, checks_3d(results), INTRO_3D, group="kind"
+    )
 
 
 def make_report(

@@ -717,6 +717,20 @@ def _zh_matches(sample: dict, original: dict) -> bool:
     return _tokens(sample) == _tokens(original)
 
 
+def _text_rules(sample: dict, original: dict | None) -> list[str]:
+    """The rules on the text alone, for 2D and volume samples alike."""
+    reasons = []
+    if not _leak_free(sample):
+        reasons.append("leak phrase")
+    if not _length_ok(sample):
+        reasons.append("length")
+    if not _language_ok(sample):
+        reasons.append("language")
+    if sample["lang"] == "zh" and original is not None and not _zh_matches(sample, original):
+        reasons.append("zh mismatch")
+    return reasons
+
+
 def validate(sample: dict, facts: FactSheet, original: dict | None = None) -> list[str]:
     """The hard rules a generated sample must pass; [] when it is valid, else the failed rules' reason
     names (`REASONS`), in that order. `original`: the English original of a Chinese sample (its
@@ -738,15 +752,7 @@ def validate(sample: dict, facts: FactSheet, original: dict | None = None) -> li
         reasons.append("box mismatch")
     if sample["format"] == "perception" and not _mc_ok(sample):
         reasons.append("mc options")
-    if not _leak_free(sample):
-        reasons.append("leak phrase")
-    if not _length_ok(sample):
-        reasons.append("length")
-    if not _language_ok(sample):
-        reasons.append("language")
-    if sample["lang"] == "zh" and original is not None and not _zh_matches(sample, original):
-        reasons.append("zh mismatch")
-    return reasons
+    return reasons + _text_rules(sample, original)
 
 
 def _volume_schema_ok(sample: dict) -> bool:
@@ -819,15 +825,7 @@ def validate_volume(sample: dict, facts, original: dict | None = None) -> list[s
         reasons.append("box mismatch")
     if sample["format"] == "perception" and not (_mc_ok(sample) and facts_ok):
         reasons.append("mc options")
-    if not _leak_free(sample):
-        reasons.append("leak phrase")
-    if not _length_ok(sample):
-        reasons.append("length")
-    if not _language_ok(sample):
-        reasons.append("language")
-    if sample["lang"] == "zh" and original is not None and not _zh_matches(sample, original):
-        reasons.append("zh mismatch")
-    return reasons
+    return reasons + _text_rules(sample, original)
 
 
 # ----------------------------------------------------------------------------------- benchmark files

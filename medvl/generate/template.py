@@ -667,7 +667,11 @@ def text_items(facts: FactSheet, lang: str) -> list[Pair]:
 
 
 def text(facts: FactSheet, lang: str, rng: np.random.Generator) -> list[dict]:
-    items = text_items(facts, lang)
+    return text_sample(text_items(facts, lang), rng)
+
+
+def text_sample(items: list[Pair], rng: np.random.Generator) -> list[dict]:
+    """One of the knowledge items, drawn, as a text-only sample."""
     if not items:
         return []
     return [sample([items[int(rng.integers(len(items)))]], with_img=False)]

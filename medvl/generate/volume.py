@@ -44,7 +44,7 @@ from medvl.volume_facts import (
     format_box_3d,
 )
 
-from .template import N_OPTIONS, Pair, choose, join, pick, sample, text_items
+from .template import N_OPTIONS, Pair, choose, join, pick, sample, text_items, text_sample
 
 ORGAN_TASK = "Organ Recognition"
 
@@ -300,10 +300,7 @@ def text(facts: VolumeFacts, lang: str, rng: np.random.Generator) -> list[dict]:
         labels=list(facts.labels),
         clinical_task=facts.groups.get(next(iter(facts.labels), ""), ""),
     )
-    items = text_items(sheet, lang)  # type: ignore[arg-type]  # the fields it reads
-    if not items:
-        return []
-    return [sample([items[int(rng.integers(len(items)))]], with_img=False)]
+    return text_sample(text_items(sheet, lang), rng)  # type: ignore[arg-type]  # the fields it reads
 
 
 WRITERS = {
