@@ -159,7 +159,13 @@ def assemble(spec, vision: Path, out: Path) -> None:
 
 
 def train_and_evaluate(
-    config_dir: Path, stage_steps: tuple[int, ...], out: Path, bench: str, data: Path, laps: Laps
+    config_dir: Path,
+    stage_steps: tuple[int, ...],
+    out: Path,
+    bench: str,
+    data: Path,
+    laps: Laps,
+    volume_tokens: int | None = None,
 ) -> tuple[dict, dict]:
     """Stages I-III from `out/base` by the folder's stage configs, then stage I's and stage III's models
     on the benchmark: (results by "after stage I" / "after stage III", loss histories by stage)."""
@@ -168,7 +174,7 @@ def train_and_evaluate(
     from medvl.train.loop import run_stages
 
     cfgs = [
-        load_config(config_dir / f"stage{i}.yaml", base_dir=out, max_steps=steps)
+        load_config(config_dir / f"stage{i}.yaml", base_dir=out, max_steps=steps, volume_tokens=volume_tokens)
         for i, steps in enumerate(stage_steps, 1)
     ]
     finals = run_stages(cfgs, model=out / "base")
@@ -222,7 +228,7 @@ CONFIG_3D = Path(__file__).resolve().parent / "configs" / "quickstart3d"
 # Sizes for `--3d`: synthetic CT phantoms in, the native route (tiny-3d) trained, the synthetic 3D
 # benchmark out. The default run is sized for <= 15 minutes on 2 idle CPU cores (docs/3d.md).
 SIZES_3D = {
-    "default": dict(n_train=240, n_bench=60, llm_steps=200, tower_steps=300, stage_steps=(60, 60, 240)),
+    "default": dict(n_train=240, n_bench=60, llm_steps=200, tower_steps=500, stage_steps=(60, 60, 240)),
     "small": dict(n_train=24, n_bench=6, llm_steps=10, tower_steps=10, stage_steps=(2, 2, 4)),
 }
 
@@ -279,14 +285,26 @@ INTRO_3D = [
     "> template questions; they show that the 3D pipeline works, not that a model is clinically useful.",
     "",
     "The synthetic 3D benchmark (`medvl eval --bench synth3d`, docs/3d.md) on phantoms drawn from another",
-    "seed than the training ones: each gold answer computed from the label volume on the stored grid. The",
-    "model is the native route (tiny-3d: a ViViT tower sees the whole volume as 8 slabs). Its question",
-    "wording is the training data's, so it measures whether the model reads the volumes, not whether it",
-    "carries over to new phrasings. Random guess = expected accuracy of picking an option at random.",
+    "seed than the training ones: each gold answer computed from the label volume on the stored grid. Its",
+    "question wording is the training data's, so it measures whether the model reads the volumes, not",
+    "whether it carries over to new phrasings. Random guess = expected accuracy of picking an option",
+    "at random.",
 ]
+ROUTE_WORDS = {
+    "native": "tiny-3d: a ViViT tower sees the volume's 8 slabs at once, 64 image tokens",
+    "slices": "tiny: the CLIP tower sees the volume's 8 slabs one by one, 8 x 16 = 128 image tokens",
+}
 
 
-def run_quickstart_3d(out: Path, size: str = "default", seed: int = 0, log=print) -> dict:
+# The two 3D routes (docs/3d.md): preset, and the image tokens per volume the stages give the slices
+# route (8 slabs of the `tiny` tower's 16 tokens: the 8 slabs the native tower sees, one by one).
+ROUTES_3D = {"native": ("tiny-3d", None), "slices": ("tiny", 128)}
+SLABS = 8
+
+
+def run_quickstart_3d(
+    out: Path, size: str = "default", seed: int = 0, log=print, route: str = "native"
+) -> dict:
     from medvl.model.build import load_preset
     from medvl.train.pretrain import pretrain_volume_text, volume_text_pairs
 
@@ -297,15 +315,16 @@ def run_quickstart_3d(out: Path, size: str = "default", seed: int = 0, log=print
     laps("data")
 
     log("4/8 training the tokenizer and pretraining the tiny language model on the stage III text")
-    spec = load_preset("tiny-3d")
+    preset, volume_tokens = ROUTES_3D[route]
+    spec = load_preset(preset)
     llm_losses = pretrain_language_model(spec, paths["stage3"], out, sz["llm_steps"], seed, log)
     laps("pretrain_llm")
 
-    log("5/8 pretraining the 3D tower CLIP-style on the curated volumes and their labels' captions")
+    log(f"5/8 pretraining the {route} route's tower CLIP-style on the curated volumes and their captions")
     pairs = volume_text_pairs(out / "curated")
     tower = out / "parts" / "tower3d"
     tower_losses = pretrain_volume_text(
-        spec, pairs, out / "curated", tower, steps=sz["tower_steps"], seed=seed, log=log
+        spec, pairs, out / "curated", tower, steps=sz["tower_steps"], seed=seed, slabs=SLABS, log=log
     )
     laps("pretrain_tower")
 
@@ -315,11 +334,12 @@ def run_quickstart_3d(out: Path, size: str = "default", seed: int = 0, log=print
 
     log("7/8 training stages I, II, III, then 8/8 evaluating stage I and stage III on the 3D benchmark")
     results, histories = train_and_evaluate(
-        CONFIG_3D, sz["stage_steps"], out, "synth3d", Path(paths["bench_tsv"]), laps
+        CONFIG_3D, sz["stage_steps"], out, "synth3d", Path(paths["bench_tsv"]), laps, volume_tokens
     )
-    pretrain = {"llm": llm_losses, "3D tower": tower_losses}
+    pretrain = {"llm": llm_losses, f"{route} tower": tower_losses}
+    intro = [*INTRO_3D, "", f"Route: **{route}** ({ROUTE_WORDS[route]})."]
     return make_report(
-        out, results, histories, pretrain, laps.timings, checks_3d(results), INTRO_3D, group="kind"
+        out, results, histories, pretrain, laps.timings, checks_3d(results), intro, group="kind"
     )
 
 
@@ -424,13 +444,18 @@ def quickstart(
         help="The 3D pipeline instead: CT phantoms -> curated volumes -> 3D instructions -> 3D tower "
         "pretraining -> stages I-III (native route) -> the synthetic 3D benchmark (about 15 min).",
     ),
+    route: str = typer.Option(
+        "native", help="With --3d: 'native' (a 3D ViViT tower) or 'slices' (the 2D tower over 8 slabs)."
+    ),
 ) -> None:
     """Run the whole pipeline on embedded synthetic data: synthesize, pretrain, stages I-III, evaluate."""
     if size not in SIZES:
         raise typer.BadParameter(f"size must be one of {', '.join(SIZES)}")
     if three_d and out == Path("runs/quickstart"):
         out = Path("runs/quickstart-3d")
-    report = (run_quickstart_3d if three_d else run_quickstart)(out, size, seed)
+    if route not in ROUTES_3D:
+        raise typer.BadParameter(f"route must be one of {', '.join(ROUTES_3D)}")
+    report = run_quickstart_3d(out, size, seed, route=route) if three_d else run_quickstart(out, size, seed)
     typer.echo((out / "report.md").read_text())
     typer.echo(f"Report: {out / 'report.md'}  (JSON: {out / 'report.json'}, plot: {out / 'loss_curves.png'})")
     model = report["model"]

@@ -192,14 +192,38 @@ def test_pretrain_3d_on_curated_phantoms_then_build(tmp_path, monkeypatch):
     curate([load_card(REPO / "configs" / "cards" / "synthetic-3d.yaml")], tmp_path / "cur", workers=1)
     pairs = volume_text_pairs(tmp_path / "cur")
     assert len(pairs) == 9 and all((tmp_path / "cur" / p["volume"]).is_file() for p in pairs)
+    # 100 lesion voxels of 5 x 6.25 x 6.25 mm: a 33.4 mm sphere (medium); centroid column 45 of 64 (the
+    # patient's left of the middle 31.5); slice 12.5 of 32: 3 x 13 / 32 = 1.22 (the middle third).
+    measures = {
+        "lesion": {"voxels": 100, "centroid": [12.5, 30.0, 45.0]},
+        "liver": {"voxels": 5000, "centroid": [16.0, 30.0, 20.0]},
+    }
     record = {
+        "id": "hand",
         "modality": "CT",
         "body_region": "Abdomen",
         "labels": ["liver", "lesion"],
-        "volume": json.dumps({"shape": [3, 32, 64, 64], "slices": {"liver": [8, 24], "lesion": [12, 14]}}),
+        "annotation": json.dumps(
+            {
+                "exhaustive": True,
+                "label_space": ["lesion", "liver", "spleen"],
+                "groups": {"lesion": "Disease Diagnosis"},
+            }
+        ),
+        "volume": json.dumps(
+            {"file": "v.npy", "shape": [3, 32, 64, 64], "spacing_mm": [5.0, 6.25, 6.25], "measures": measures}
+        ),
     }
-    assert volume_text(record) == "CT of the abdomen. lesion (slices 37-43%), liver (slices 25-75%)."
-    assert any("lesion" in p["text"] for p in pairs) and any("lesion" not in p["text"] for p in pairs)
+    assert volume_text(record) == (
+        "CT of the abdomen. lesion: the patient's left, the middle third of the slices, medium (22-36 mm). "
+        "Also liver."
+    )
+    healthy = json.loads(record["volume"])
+    del healthy["measures"]["lesion"]
+    assert (
+        volume_text({**record, "volume": json.dumps(healthy)}) == "CT of the abdomen. no lesion. Also liver."
+    )
+    assert any("lesion: " in p["text"] for p in pairs) and any("no lesion." in p["text"] for p in pairs)
 
     res = subprocess.run(
         [

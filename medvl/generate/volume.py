@@ -13,10 +13,11 @@ and serving cut into slabs (slices route) or give whole to a 3D tower (native ro
 - **instruction**: one of list (the structures), locate (a structure's side and slices) or describe (a
   finding's side, slices and size), drawn in code.
 - **dialogue**: 2-4 short turns (region, modality, a presence, a location).
-- **perception**: one multiple-choice sample per kind the facts support: organ (one present, three
-  verified absent), presence (each finding of the label space, one organ), side, slice third, size
-  (findings), plane (the volume turned to a drawn plane, :func:`medvl.volume_facts.reformat`, and
-  written beside the others). The wording is the synthetic 3D benchmark's (`QUESTIONS`).
+- **perception**: one multiple-choice sample per kind the facts support: organ (each present organ
+  against three verified absent ones), presence (each finding of the label space, one organ), side,
+  slice third, size (findings), plane (the volume turned to a drawn plane,
+  :func:`medvl.volume_facts.reformat`, and written beside the others). The wording is the synthetic
+  3D benchmark's (`QUESTIONS`).
 - **text**: the 2D path's knowledge items for the record's modality, task and department.
 
 Every draw comes from the pipeline's generator, so the Chinese sample of a record states the same facts
@@ -250,9 +251,11 @@ def perception_items(
     out = []
     present_organs = organs(facts)
     absent_organs = [x for x in facts.absent if facts.groups.get(x, ORGAN_TASK) == ORGAN_TASK]
-    if present_organs and len(absent_organs) >= N_OPTIONS - 1:
-        gold = present_organs[int(rng.integers(len(present_organs)))]
-        out.append(("organ", gold, [gold, *choose(rng, absent_organs, N_OPTIONS - 1)], "", True))
+    if len(absent_organs) >= N_OPTIONS - 1:
+        # One question per present organ: the same volume with different golds, so that the answer is
+        # the option the volume shows, not the organ most often right.
+        for gold in present_organs:
+            out.append(("organ", gold, [gold, *choose(rng, absent_organs, N_OPTIONS - 1)], "", True))
     asked = [x for x in findings_space(facts) if x in facts.labels or x in facts.absent]
     organ_pool = present_organs + absent_organs
     if organ_pool:

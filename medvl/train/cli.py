@@ -43,7 +43,13 @@ def pretrain_3d(
         '{"volume": <.npy or scan path, relative to the file>, "text": <report>} pairs.',
     ),
     out: Path = typer.Option(..., help="Folder for the pretrained 3D tower (weights, config, processor)."),
-    preset: str = typer.Option("tiny-3d", help="Preset whose 3D vision tower is pretrained."),
+    preset: str = typer.Option(
+        "tiny-3d",
+        help="Preset whose vision tower is pretrained: a 3D tower (native route) or a 2D one (slices).",
+    ),
+    slabs: int = typer.Option(
+        8, help="Slabs per volume for a 2D tower (the slices route's K); a 3D tower's own."
+    ),
     steps: int = typer.Option(300, help="Optimizer steps."),
     batch_size: int = typer.Option(16, help="Pairs per step (the in-batch negatives)."),
     lr: float = typer.Option(1e-3, help="Peak learning rate (cosine)."),
@@ -52,8 +58,9 @@ def pretrain_3d(
     ),
     seed: int = typer.Option(0),
 ) -> None:
-    """CLIP-style pretraining of a 3D tower on volume-text pairs, before stage I aligns it (the native
-    route, docs/3d.md); assemble with `medvl build --vision <out> --llm ...`."""
+    """CLIP-style pretraining of a vision tower on volume-text pairs, before stage I aligns it: a 3D tower
+    (native route) or a 2D tower over a volume's slabs (slices route), docs/3d.md; assemble with
+    `medvl build --vision <out> --llm ...`."""
     from medvl.model.build import load_preset
     from medvl.records import read_rows
     from medvl.train.pretrain import pretrain_volume_text, volume_text_pairs
@@ -76,6 +83,7 @@ def pretrain_3d(
         batch_size=batch_size,
         lr=lr,
         seed=seed,
+        slabs=slabs,
         log=typer.echo,
     )
     typer.echo(f"wrote {out}")
