@@ -27,6 +27,11 @@ import numpy as np
 
 from medvl.prompts import BOX_SCALE
 
+# Clinical tasks (a card's label groups) whose labels are findings: asked present or absent, located and
+# sized. Organs (the default group) are what the organ question asks; other anatomy (bone, muscle) is
+# named but neither.
+ORGAN_TASK = "Organ Recognition"
+FINDING_TASKS = ("Disease Diagnosis", "Lesion Grading")
 MIN_VOXELS = 4  # a structure counts as present from 4 voxels of the stored grid (0.8 mL at 5 x 6.25^2 mm)
 SIDE_MARGIN = 2.0  # columns (12.5 mm at 6.25 mm): the body's centre may lie ~1 column off the middle
 THIRD_MARGIN = 0.1  # of a third (~1 slice of 32)
@@ -198,6 +203,14 @@ class VolumeFacts:
     exhaustive: bool  # the annotation marks every label of the space wherever it occurs
     groups: dict[str, str] = field(default_factory=dict)  # label -> clinical task
     boxes: list[dict] = field(default_factory=list)
+
+    @property
+    def findings(self) -> list[str]:
+        """Labels of the space that are findings (:data:`FINDING_TASKS`), present or not."""
+        return [x for x in self.label_space if self.groups.get(x) in FINDING_TASKS]
+
+    def is_organ(self, label: str) -> bool:
+        return self.groups.get(label, ORGAN_TASK) == ORGAN_TASK
 
     @property
     def absent(self) -> list[str]:

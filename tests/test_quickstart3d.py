@@ -7,11 +7,15 @@ from __future__ import annotations
 import json
 
 import yaml
-from conftest import REPO
+from conftest import REPO, SHARED_DATA
+from typer.testing import CliRunner
 
+from medvl.cli import app
 from medvl.model.build import load, native_frames
 from medvl.quickstart import CONFIG_3D, run_quickstart_3d
 from medvl.samples import FORMATS
+
+SPLEEN_CT = SHARED_DATA / "spleen_ct" / "ct_scan" / "sub-spleen2" / "ct" / "sub-spleen2_ct.nii.gz"
 
 
 def test_the_quickstarts_card_is_the_synthetic_3d_card():
@@ -59,3 +63,14 @@ def test_quickstart_3d_small_runs_the_whole_pipeline(tmp_path):
         "lesion size",
         "plane",
     }
+    # Its model reads the real spleen CT through `medvl chat` (NIfTI, with the spec it was trained with):
+    # an answer, labelled research-only. (The smallest model's answer itself means nothing.)
+    if SPLEEN_CT.exists():
+        question = "Which of these organs is in this volume?\nA. brain\nB. spleen\nC. lung\nD. heart"
+        res = CliRunner().invoke(
+            app,
+            ["chat", "--model", str(out / "stage3" / "final"), "--image", str(SPLEEN_CT), "-q", question]
+            + ["--max-new-tokens", "8"],
+        )
+        assert res.exit_code == 0, res.output
+        assert "research" in res.output.lower() and "medvl>" in res.output

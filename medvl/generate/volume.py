@@ -47,8 +47,6 @@ from medvl.volume_facts import (
 
 from .template import N_OPTIONS, Pair, choose, join, pick, sample, text_items, text_sample
 
-ORGAN_TASK = "Organ Recognition"
-
 
 def word(value: str, lang: str) -> str:
     return value if lang == "en" else ZH_WORDS.get(value, zh(value))
@@ -59,12 +57,7 @@ def label(value: str, lang: str) -> str:
 
 
 def organs(facts: VolumeFacts) -> list[str]:
-    return [x for x in facts.labels if facts.groups.get(x, ORGAN_TASK) == ORGAN_TASK]
-
-
-def findings_space(facts: VolumeFacts) -> list[str]:
-    """Labels of the space that are findings (a clinical task other than organ recognition)."""
-    return [x for x in facts.label_space if facts.groups.get(x, ORGAN_TASK) != ORGAN_TASK]
+    return [x for x in facts.labels if facts.is_organ(x)]
 
 
 def where(facts: VolumeFacts, x: str, lang: str) -> str:
@@ -129,14 +122,14 @@ def caption(facts: VolumeFacts, lang: str, rng: np.random.Generator) -> list[dic
     else:
         parts = [f"这是一幅{kind_of(facts, lang)}。", f"可见{join(shown, lang)}。" if shown else ""]
     for x in facts.labels:
-        if x in findings_space(facts):
+        if x in facts.findings:
             lead = (
                 f"The {x} lies {where(facts, x, lang)}."
                 if lang == "en"
                 else f"{label(x, lang)}{where(facts, x, lang)}。"
             )
             parts += [lead, size_phrase(facts, x, lang)]
-    absent = choose(rng, [x for x in facts.absent if x in findings_space(facts)], 2)
+    absent = choose(rng, [x for x in facts.absent if x in facts.findings], 2)
     if absent:
         names = join([label(x, lang) for x in absent], lang, "or")
         parts.append(f"No {names} is seen." if lang == "en" else f"未见{names}。")
@@ -164,7 +157,7 @@ def region(facts: VolumeFacts, lang: str, rng: np.random.Generator) -> list[dict
 
 def instruction(facts: VolumeFacts, lang: str, rng: np.random.Generator) -> list[dict]:
     kinds = ["list"] + (["locate"] if any(f.side or f.third for f in facts.labels.values()) else [])
-    finds = [x for x in facts.labels if x in findings_space(facts)]
+    finds = [x for x in facts.labels if x in facts.findings]
     kinds += ["describe"] if finds else []
     kind = kinds[int(rng.integers(len(kinds)))]
     if kind == "list" and facts.labels:
@@ -250,27 +243,27 @@ def perception_items(
     support; the plane question's gold is drawn here and its volume turned by the pipeline."""
     out = []
     present_organs = organs(facts)
-    absent_organs = [x for x in facts.absent if facts.groups.get(x, ORGAN_TASK) == ORGAN_TASK]
+    absent_organs = [x for x in facts.absent if facts.is_organ(x)]
     if len(absent_organs) >= N_OPTIONS - 1:
         # One question per present organ: the same volume with different golds, so that the answer is
         # the option the volume shows, not the organ most often right.
         for gold in present_organs:
             out.append(("organ", gold, [gold, *choose(rng, absent_organs, N_OPTIONS - 1)], "", True))
-    asked = [x for x in findings_space(facts) if x in facts.labels or x in facts.absent]
+    asked = [x for x in facts.findings if x in facts.labels or x in facts.absent]
     organ_pool = present_organs + absent_organs
     if organ_pool:
         asked.append(organ_pool[int(rng.integers(len(organ_pool)))])
     for x in asked:
         out.append((f"presence:{x}", "yes" if x in facts.labels else "no", ["yes", "no"], x, False))
-    located = [x for x in facts.labels if x in findings_space(facts)]
+    located = [x for x in facts.labels if x in facts.findings]
     located += choose(rng, [x for x in present_organs if facts.labels[x].side], 1)
     for x in located:
         f = facts.labels[x]
         if f.side:
             out.append((f"side:{x}", f.side, list(SIDES), x, False))
-        if f.third and x in findings_space(facts):
+        if f.third and x in facts.findings:
             out.append((f"third:{x}", f.third, list(THIRDS)[::-1], x, False))
-        if f.size and x in findings_space(facts):
+        if f.size and x in facts.findings:
             out.append((f"size:{x}", f.size, list(SIZES), x, False))
     plane = PLANES[int(rng.integers(len(PLANES)))]
     out.append(("plane", plane, list(PLANES), "", True))

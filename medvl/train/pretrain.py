@@ -152,8 +152,8 @@ def pretrain_vision(
 
 def volume_text(record: dict) -> str:
     """A curated volume record's caption for contrastive pretraining, from its facts only
-    (`medvl.volume_facts`): modality and body region; each finding (a label of a clinical task other
-    than organ recognition) present with its side, slice third and size, or its absence where the
+    (`medvl.volume_facts`): modality and body region; each finding (a label of a diagnosis or grading
+    task, `FINDING_TASKS`) present with its side, slice third and size, or its absence where the
     annotation is exhaustive; then the other structures present, e.g. "CT of the abdomen. lesion: the
     patient's left, the middle third of the slices, medium (22-36 mm). Also aorta, kidney, liver.".
     The finding's facts are spelled out because they are what tells same-region volumes apart: with
@@ -164,9 +164,7 @@ def volume_text(record: dict) -> str:
 
     facts = volume_facts(record)
     parts = [f"{facts.modality} of the {(facts.body_region or 'body').lower()}."]
-    finding = {
-        x for x in facts.label_space if facts.groups.get(x, "Organ Recognition") != "Organ Recognition"
-    }
+    finding = set(facts.findings)
     for x in sorted(finding):
         f = facts.labels.get(x)
         if f is not None:
