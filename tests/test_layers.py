@@ -1,7 +1,8 @@
 """The package's layering, read from the source: a newcomer finds each concern in one place, and the
 lower layers never reach up into the stages built on them.
 
-    foundations  errors, vocab, prompts, records, imaging, jobs, llm   (import only each other)
+    foundations  errors, vocab, prompts, records, imaging, jobs, llm,  (import only each other)
+                 samples, volume_facts
     core         model, data                                           (data may use model)
     stages       synth, curate, generate, quality, train, eval, serve  (no stage imports another)
     entry points cli, quickstart                                       (may use anything)
@@ -16,7 +17,7 @@ from pathlib import Path
 import medvl
 
 ROOT = Path(medvl.__file__).resolve().parent
-FOUNDATIONS = {"errors", "vocab", "prompts", "records", "imaging", "jobs", "llm", "samples"}
+FOUNDATIONS = {"errors", "vocab", "prompts", "records", "imaging", "jobs", "llm", "samples", "volume_facts"}
 CORE = {"model", "data"}
 STAGES = {"synth", "curate", "generate", "quality", "train", "eval", "serve"}
 ENTRY = {"cli", "quickstart", "__init__"}

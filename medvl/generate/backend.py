@@ -25,7 +25,9 @@ class Backend:
     name: str = ""
     model: str = ""
     prompt_version: str = ""
-    volumes: bool = False  # writes samples of volume records (`write_volume`); else they are skipped
+    # Writes samples of volume records: the template backend, whose 3D writers are
+    # medvl.generate.volume's (the pipeline calls them); for any other, volume records are skipped.
+    volumes: bool = False
 
     def config(self) -> dict:
         """Everything about the backend that changes its output (part of the job's fingerprint)."""
@@ -38,10 +40,6 @@ class Backend:
         """Raw samples of format `fmt` in language `lang`; [] when the record cannot support the format
         (a region caption without a box). The pipeline asks for English first, then for Chinese with a
         generator seeded the same way."""
-        raise NotImplementedError
-
-    def write_volume(self, facts, fmt: str, lang: str, rng: np.random.Generator) -> list[dict]:
-        """`write` for a volume record (`facts`: `medvl.volume_facts.VolumeFacts`), when `volumes`."""
         raise NotImplementedError
 
 

@@ -193,6 +193,8 @@ class GenerateStep(Step):
         from medvl.samples import validate_volume
         from medvl.volume_facts import reformat, volume_facts
 
+        from .volume import write_volume
+
         rid = str(record.get("id"))
         try:
             facts = volume_facts(record)
@@ -219,7 +221,7 @@ class GenerateStep(Step):
             with_zh = seeded(self.seed, rid, fmt, "zh").random() < self.zh_share
             kept: dict[int, dict] = {}
             for lang in ("en", "zh") if with_zh else ("en",):
-                raws = self.backend.write_volume(facts, fmt, lang, seeded(self.seed, rid, fmt))
+                raws = write_volume(facts, fmt, lang, seeded(self.seed, rid, fmt))
                 for i, raw in enumerate(raws):
                     original = kept.get(i)
                     if lang == "zh" and original is None:

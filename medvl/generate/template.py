@@ -691,12 +691,8 @@ class TemplateBackend(Backend):
     name = "template"
     model = "template"
     prompt_version = PROMPT_VERSION
-    volumes = True
+    volumes = True  # its volume writers are medvl.generate.volume's
 
     def write(self, facts: FactSheet, fmt: str, lang: str, rng: np.random.Generator) -> list[dict]:
         return WRITERS[fmt](facts, lang, rng)
 
-    def write_volume(self, facts, fmt: str, lang: str, rng: np.random.Generator) -> list[dict]:
-        from .volume import write_volume
-
-        return write_volume(facts, fmt, lang, rng)
