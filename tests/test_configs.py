@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted(CONFIG_DIR.parent.rglob("*.yaml"))
 MIXES = [p for p in SHIPPED if p.name.startswith("mix_")] + sorted((REPO / "configs" / "mix").glob("*.yaml"))
 THRESHOLDS = [p for p in SHIPPED if p.name == "quality.yaml"]
-STAGES = [p for p in SHIPPED if p not in MIXES + THRESHOLDS] + sorted(
+CARDS = [p for p in SHIPPED if p.name == "card.yaml"]
+STAGES = [p for p in SHIPPED if p not in MIXES + THRESHOLDS + CARDS] + sorted(
     (REPO / "configs" / "gmai-vl").glob("*.yaml")
 )
 PRESETS = sorted(PRESET_DIR.glob("*.yaml"))
@@ -28,7 +29,15 @@ LAUNCH = sorted((REPO / "configs" / "accelerate").glob("*.yaml"))
 
 def test_the_configs_are_found():
     assert len(STAGES) >= 6 and len(PRESETS) >= 3 and len(LAUNCH) >= 7
-    assert len(MIXES) >= 6 and len(THRESHOLDS) == 1
+    assert len(MIXES) >= 6 and len(THRESHOLDS) == 1 and len(CARDS) == 1
+
+
+@pytest.mark.parametrize("path", CARDS, ids=lambda p: str(p.relative_to(REPO)))
+def test_shipped_card_loads(path):
+    from medvl.curate.card import load_card
+
+    card = load_card(path)
+    assert card.name and card.exhaustive_labels
 
 
 @pytest.mark.parametrize("path", MIXES, ids=lambda p: str(p.relative_to(REPO)))
