@@ -226,9 +226,12 @@ def run_quickstart(out: Path, size: str = "default", seed: int = 0, log=print) -
 
 CONFIG_3D = Path(__file__).resolve().parent / "configs" / "quickstart3d"
 # Sizes for `--3d`: synthetic CT phantoms in, the native route (tiny-3d) trained, the synthetic 3D
-# benchmark out. The default run is sized for <= 15 minutes on 2 idle CPU cores (docs/3d.md).
+# benchmark out. The default run is sized for <= 15 minutes on 2 idle CPU cores (docs/3d.md). Phantoms
+# are cheap (960 curate and generate in about 70 s) and the stages' cost is per step, not per volume:
+# 960 rather than 240 training volumes took organ identification from 68% to 85% at the same steps
+# (stage III then sees each sample less than once instead of 2.5 times, loss 0.1: memorised).
 SIZES_3D = {
-    "default": dict(n_train=240, n_bench=60, llm_steps=200, tower_steps=500, stage_steps=(60, 60, 240)),
+    "default": dict(n_train=960, n_bench=60, llm_steps=200, tower_steps=800, stage_steps=(60, 60, 300)),
     "small": dict(n_train=24, n_bench=6, llm_steps=10, tower_steps=10, stage_steps=(2, 2, 4)),
 }
 

@@ -37,7 +37,7 @@ import numpy as np
 
 from medvl.imaging import VolumeSpec, store_volume
 from medvl.prompts import OPTION_LETTERS
-from medvl.synth.phantom import LABELS, LESION_KINDS, LESION_LABEL, Phantom, make_phantom
+from medvl.synth.phantom import LABELS, LESION_LABEL, Phantom, case_phantom
 from medvl.volume_facts import (
     MIN_VOXELS,
     PLANES,
@@ -61,9 +61,6 @@ REGIONS = ("chest", "abdomen", "head")
 KINDS = ("organ", "lesion presence", "lesion side", "lesion slice range", "lesion size", "plane")
 # Organs asked about: every label but bone (in every phantom) and the lesion.
 ORGANS = tuple(name for i, name in sorted(LABELS.items()) if name != "bone" and i != LESION_LABEL)
-# Lesion diameters (mm) the builder draws for each grade, well inside it after resampling.
-_DRAW_DIAMETER_MM = ((14.0, 18.0), (26.0, 31.0), (40.0, 46.0))
-_HOST = {"chest": 1, "abdomen": 4, "head": 8}  # the organ a lesion grows in: lung, liver, brain
 # The generator's wording (medvl.volume_facts.QUESTIONS), asked about the lesion.
 QUESTIONS = {
     "organ": VOLUME_QUESTIONS["organ"][0],
@@ -164,26 +161,6 @@ def case_questions(labels: np.ndarray, plane: str, rng: np.random.Generator) -> 
 # ---------------------------------------------------------------- phantoms
 
 
-def _lesion_draw(p: Phantom, rng: np.random.Generator) -> dict:
-    """Where and how large the builder puts a lesion in the lesion-free phantom `p`: a third of the
-    slices, a side and a size grade drawn evenly; the centre a voxel of the host organ on that side (at
-    least 8% of the width from the middle) on the third's middle slice."""
-    d, h, w = p.labels.shape
-    third, side, grade = int(rng.integers(3)), int(rng.integers(2)), int(rng.integers(3))
-    z = (third + 0.5) / 3 + float(rng.uniform(-0.04, 0.04))
-    ys, xs = np.nonzero(p.labels[min(d - 1, int(z * d))] == _HOST[p.region])
-    offset = xs + 0.5 - w / 2  # LPS: positive towards the patient's left
-    pick = np.nonzero((np.abs(offset) >= 0.08 * w) & ((offset > 0) if side else (offset < 0)))[0]
-    if len(pick) == 0:  # no host voxel there (the liver barely crosses the midline): anywhere in it
-        pick = np.arange(len(xs))
-    k = int(rng.choice(pick))
-    fov_mm = p.spacing[2] * w  # the radius is a fraction of the in-plane field of view
-    radius = float(rng.uniform(*_DRAW_DIAMETER_MM[grade])) / 2 / fov_mm
-    kind = str(rng.choice(sorted(LESION_KINDS[p.region])))
-    centre = (z, (ys[k] + 0.5) / h, (xs[k] + 0.5) / w)
-    return dict(lesion_kind=kind, lesion_center=centre, lesion_radius=radius)
-
-
 def _sitk(array: np.ndarray, spacing: tuple[float, float, float]):
     import SimpleITK as sitk
 
@@ -203,12 +180,8 @@ def prepare(p: Phantom) -> tuple[np.ndarray, np.ndarray]:
 def make_case(
     region: str, lesion: bool, seed: tuple[int, ...], shape: tuple[int, int, int] = (32, 128, 128)
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One case: a phantom (with a lesion placed by `_lesion_draw`, or none) through :func:`prepare`."""
-    p = make_phantom(region, shape, np.random.default_rng(seed), lesion=False)
-    if lesion:  # the same seed again: the same anatomy, with the lesion
-        draw = _lesion_draw(p, np.random.default_rng([*seed, 1]))
-        p = make_phantom(region, shape, np.random.default_rng(seed), lesion=True, **draw)
-    return prepare(p)
+    """One case: a phantom (:func:`case_phantom`, the training phantoms' rule) through :func:`prepare`."""
+    return prepare(case_phantom(region, lesion, seed, shape))
 
 
 def build_synth3d(

@@ -212,3 +212,49 @@ def make_phantom(
     hu = np.clip(np.rint(p.hu + noise), -1024, 3071).astype(np.int16)
     present = {int(i): LABELS[int(i)] for i in np.unique(p.labels) if i}
     return Phantom(region, hu, p.labels, present, spacing, name, center, radius_mm)
+
+
+# ---------------------------------------------------------------- cases with questions-worth lesions
+
+# Lesion diameters (mm) drawn for each size grade of medvl.volume_facts (small, medium, large), well
+# inside the grade after resampling; the organ a lesion grows in: lung, liver, brain.
+DRAW_DIAMETER_MM = ((14.0, 18.0), (26.0, 31.0), (40.0, 46.0))
+_HOST = {"chest": 1, "abdomen": 4, "head": 8}
+
+
+def lesion_draw(p: Phantom, rng: np.random.Generator) -> dict:
+    """Where and how large a lesion goes in the lesion-free phantom `p` (keyword arguments of
+    :func:`make_phantom`): a third of the slices, a side and a size grade drawn evenly, so that every
+    answer the 3D questions ask about (medvl.volume_facts) occurs in training and benchmark phantoms
+    alike; the centre a voxel of the host organ on that side (at least 8% of the width from the middle)
+    on the third's middle slice. make_phantom's own draw (large, central, in the right liver lobe) would
+    teach a model one answer per question."""
+    d, h, w = p.labels.shape
+    third, side, grade = int(rng.integers(3)), int(rng.integers(2)), int(rng.integers(3))
+    z = (third + 0.5) / 3 + float(rng.uniform(-0.04, 0.04))
+    ys, xs = np.nonzero(p.labels[min(d - 1, int(z * d))] == _HOST[p.region])
+    if len(xs) == 0:  # a very short volume whose host organ misses that slice: the middle slice
+        z = 0.5
+        ys, xs = np.nonzero(p.labels[d // 2] == _HOST[p.region])
+    offset = xs + 0.5 - w / 2  # LPS: positive towards the patient's left
+    pick = np.nonzero((np.abs(offset) >= 0.08 * w) & ((offset > 0) if side else (offset < 0)))[0]
+    if len(pick) == 0:  # no host voxel there (the liver barely crosses the midline): anywhere in it
+        pick = np.arange(len(xs))
+    k = int(rng.choice(pick))
+    fov_mm = p.spacing[2] * w  # the radius is a fraction of the in-plane field of view
+    radius = float(rng.uniform(*DRAW_DIAMETER_MM[grade])) / 2 / fov_mm
+    kind = str(rng.choice(sorted(LESION_KINDS[p.region])))
+    centre = (z, (ys[k] + 0.5) / h, (xs[k] + 0.5) / w)
+    return dict(lesion_kind=kind, lesion_center=centre, lesion_radius=radius)
+
+
+def case_phantom(
+    region: str, lesion: bool, seed: tuple[int, ...], shape: tuple[int, int, int] = (32, 128, 128)
+) -> Phantom:
+    """One synthetic 3D case, reproducible from `seed`: the anatomy drawn from it, and with `lesion` the
+    same anatomy again with a lesion placed by :func:`lesion_draw` (from `(*seed, 1)`)."""
+    p = make_phantom(region, shape, np.random.default_rng(seed), lesion=False)
+    if lesion:
+        draw = lesion_draw(p, np.random.default_rng([*seed, 1]))
+        p = make_phantom(region, shape, np.random.default_rng(seed), lesion=True, **draw)
+    return p
