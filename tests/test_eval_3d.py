@@ -38,6 +38,20 @@ def test_the_benchmark_spec_is_the_synthetic_3d_cards() -> None:
     assert VolumeSpec(**card["options"]["volume"]) == b3.SPEC
 
 
+def test_the_cli_names_every_benchmark_and_the_3d_ones_have_a_breakdown() -> None:
+    from medvl.eval.benchmarks import LOADERS
+    from medvl.eval.cli import BENCHES
+    from medvl.eval.report import PRIMARY_BREAKDOWN
+
+    assert BENCHES.split(", ") == list(LOADERS)
+    assert set(PRIMARY_BREAKDOWN) <= set(LOADERS)
+    assert {b: PRIMARY_BREAKDOWN.get(b) for b in ("synth3d", "m3d-vqa", "ct-rate-vqa")} == {
+        "synth3d": "category",
+        "m3d-vqa": "question type",
+        "ct-rate-vqa": "question type",
+    }
+
+
 def test_measures_by_hand() -> None:
     assert side_of(40.0, 64) == "patient's left"  # middle column 31.5; LPS columns run leftwards
     assert side_of(20.0, 64) == "patient's right"

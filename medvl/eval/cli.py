@@ -4,7 +4,11 @@ from pathlib import Path
 
 import typer
 
-BENCHES = "mc, gmai-mmbench, omnimedvqa, mmmu, vqa-rad, slake, pathvqa, pmc-vqa"
+# Every loader in medvl.eval.benchmarks.LOADERS (a test keeps them equal; not imported here, so that
+# `medvl --help` stays fast); the 3D ones ask about volumes.
+BENCHES = (
+    "mc, gmai-mmbench, omnimedvqa, mmmu, vqa-rad, slake, pathvqa, pmc-vqa, synth3d, m3d-vqa, ct-rate-vqa"
+)
 REPORT_BENCHES = "iu-xray, mimic-cxr, ct-rate, reports-jsonl"
 
 

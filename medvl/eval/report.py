@@ -28,6 +28,9 @@ PRIMARY_BREAKDOWN = {
     "slake": "content type",
     "vqa-rad": "answer type",
     "pathvqa": "answer type",
+    "synth3d": "category",
+    "m3d-vqa": "question type",
+    "ct-rate-vqa": "question type",
 }
 
 _MMMU = {
