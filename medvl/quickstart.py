@@ -231,7 +231,7 @@ CONFIG_3D = Path(__file__).resolve().parent / "configs" / "quickstart3d"
 # 960 rather than 240 training volumes took organ identification from 68% to 85% at the same steps
 # (stage III then sees each sample less than once instead of 2.5 times, loss 0.1: memorised).
 SIZES_3D = {
-    "default": dict(n_train=960, n_bench=60, llm_steps=400, tower_steps=800, stage_steps=(60, 60, 300)),
+    "default": dict(n_train=960, n_bench=60, llm_steps=200, tower_steps=800, stage_steps=(60, 60, 300)),
     "small": dict(n_train=24, n_bench=6, llm_steps=10, tower_steps=10, stage_steps=(2, 2, 4)),
 }
 
