@@ -244,9 +244,11 @@ def prepare_data_3d(out: Path, size: str = "default", seed: int = 0, log=print) 
     from medvl.data.mix import mix
     from medvl.generate.pipeline import generate
     from medvl.generate.template import TemplateBackend
-    from medvl.synth.benchmark3d import build_synth3d
+    from medvl.synth.benchmark3d import BENCH_SEED, build_synth3d
     from medvl.synth.volumes import write_phantoms
 
+    if seed == BENCH_SEED:  # case i of both would be the same phantom: the benchmark in training
+        raise ValueError(f"seed {seed} draws the synthetic 3D benchmark's phantoms; use another seed")
     sz = SIZES_3D[size]
     out = Path(out)
     phantoms = out / "data" / "phantoms"
@@ -458,6 +460,8 @@ def quickstart(
         out = Path("runs/quickstart-3d")
     if route not in ROUTES_3D:
         raise typer.BadParameter(f"route must be one of {', '.join(ROUTES_3D)}")
+    if three_d and seed == 1000:  # medvl.synth.benchmark3d.BENCH_SEED, not imported for a fast --help
+        raise typer.BadParameter("seed 1000 draws the synthetic 3D benchmark's phantoms; use another seed")
     report = run_quickstart_3d(out, size, seed, route=route) if three_d else run_quickstart(out, size, seed)
     typer.echo((out / "report.md").read_text())
     typer.echo(f"Report: {out / 'report.md'}  (JSON: {out / 'report.json'}, plot: {out / 'loss_curves.png'})")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 from conftest import REPO, SHARED_DATA
 from typer.testing import CliRunner
@@ -27,6 +28,17 @@ def test_the_quickstarts_card_is_the_synthetic_3d_card():
     for key in ("slices_per_label", "negatives"):
         shipped["options"].pop(key), card["options"].pop(key)
     assert shipped == card
+
+
+def test_the_benchmarks_seed_is_refused_for_training_phantoms(tmp_path):
+    """Training phantom i of seed s and benchmark case i are the same draw when s is the benchmark's seed."""
+    from medvl.synth.benchmark3d import BENCH_SEED
+
+    with pytest.raises(ValueError, match=f"seed {BENCH_SEED}"):
+        run_quickstart_3d(tmp_path / "qs", size="small", seed=BENCH_SEED, log=lambda *_: None)
+    assert not (tmp_path / "qs").exists()
+    res = CliRunner().invoke(app, ["quickstart", "--3d", "--size", "small", "--seed", str(BENCH_SEED)])
+    assert res.exit_code == 2 and "benchmark" in res.output
 
 
 def test_quickstart_3d_small_runs_the_whole_pipeline(tmp_path):

@@ -70,6 +70,9 @@ QUESTIONS = {
     "lesion size": VOLUME_QUESTIONS["size"][0].format(label="lesion"),
     "plane": VOLUME_QUESTIONS["plane"][0],
 }
+# The benchmark's phantoms are cases (BENCH_SEED, i); training phantoms (medvl.synth.volumes) are cases
+# (seed, i) of another seed, so a training seed must not be this one.
+BENCH_SEED = 1000
 COLUMNS = ("index", "image", "question", "A", "B", "C", "D", "answer", "category", "case", "evidence")
 
 
@@ -185,7 +188,7 @@ def make_case(
 
 
 def build_synth3d(
-    out: str | Path, n: int = 60, seed: int = 1000, shape: tuple[int, int, int] = (32, 128, 128)
+    out: str | Path, n: int = 60, seed: int = BENCH_SEED, shape: tuple[int, int, int] = (32, 128, 128)
 ) -> Path:
     """Write the benchmark: `n` phantoms (regions in turn, a lesion in every other pair of cycles so
     each region has both) as volumes under `out/volumes/` and their questions as `out/synth3d.tsv`;
