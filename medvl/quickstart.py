@@ -460,8 +460,10 @@ def quickstart(
         out = Path("runs/quickstart-3d")
     if route not in ROUTES_3D:
         raise typer.BadParameter(f"route must be one of {', '.join(ROUTES_3D)}")
-    if three_d and seed == 1000:  # medvl.synth.benchmark3d.BENCH_SEED, not imported for a fast --help
-        raise typer.BadParameter("seed 1000 draws the synthetic 3D benchmark's phantoms; use another seed")
+    from medvl.synth.benchmark3d import BENCH_SEED
+
+    if three_d and seed == BENCH_SEED:  # prepare_data_3d refuses it too; here as a one-line usage error
+        raise typer.BadParameter(f"seed {seed} draws the synthetic 3D benchmark's phantoms; use another seed")
     report = run_quickstart_3d(out, size, seed, route=route) if three_d else run_quickstart(out, size, seed)
     typer.echo((out / "report.md").read_text())
     typer.echo(f"Report: {out / 'report.md'}  (JSON: {out / 'report.json'}, plot: {out / 'loss_curves.png'})")
