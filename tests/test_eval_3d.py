@@ -327,3 +327,37 @@ def test_a_model_reads_volume_questions_with_its_own_spec_and_budget(
     assert len(scan) == 3 and scan[0].size == (64, 64)
     report = evaluate(model, "synth3d", synth3d, tmp_path / "out", limit=2, max_new_tokens=2, progress=False)
     assert report["run"]["volume_tokens"] == 48 and report["overall"]["n"] == 2
+
+
+def test_the_lesion_probes_pairs_differ_by_their_lesion_or_by_the_square_alone():
+    """benchmarks/lesion_probe_3d.py --paired: each pair is one phantom with and without its lesion, and
+    under --square the same lesion-free volume twice, the first with a K x K square (+1.5) on one slab;
+    --large-only leaves the phantom module's lesion sizes as they were."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoConfig
+
+    from medvl.model.build import load_preset
+    from medvl.synth import phantom
+
+    spec = importlib.util.spec_from_file_location(
+        "lesion_probe_3d", REPO / "benchmarks" / "lesion_probe_3d.py"
+    )
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    cfg = AutoConfig.for_model(**load_preset("tiny-3d").vision_config)
+    sizes = phantom.DRAW_DIAMETER_MM
+    x, y = probe.paired_pixels(3, 1, None, True, cfg)
+    assert sizes == phantom.DRAW_DIAMETER_MM
+    assert y.tolist() == [1.0, 0.0] * 3 and x.shape == (6, cfg.num_frames, 3, cfg.image_size, cfg.image_size)
+    assert all(not torch.equal(x[i], x[i + 1]) for i in range(0, 6, 2))
+    k = 8
+    xs, ys = probe.paired_pixels(3, 1, None, False, cfg, square=k)
+    assert ys.tolist() == y.tolist()
+    for i in range(0, 6, 2):
+        diff = xs[i] - xs[i + 1]
+        changed = diff.abs() > 1e-6
+        assert int(changed.sum()) == k * k * 3 and torch.allclose(diff[changed], torch.tensor(1.5))
+        assert len(changed.any(dim=(1, 2, 3)).nonzero()) == 1  # one slab
+        assert torch.equal(xs[i + 1], x[i + 1])  # the lesion-free volume of the lesion pair

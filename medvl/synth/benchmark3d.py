@@ -172,10 +172,10 @@ def _sitk(array: np.ndarray, spacing: tuple[float, float, float]):
     return img
 
 
-def prepare(p: Phantom) -> tuple[np.ndarray, np.ndarray]:
-    """A phantom through :data:`SPEC`, as curation stores it -> (uint8 [C, S, P, L] array, its label
-    array on the same grid)."""
-    prepared = SPEC.apply(_sitk(p.hu, p.spacing), _sitk(p.labels, p.spacing), name=f"{p.region} phantom")
+def prepare(p: Phantom, spec: VolumeSpec = SPEC) -> tuple[np.ndarray, np.ndarray]:
+    """A phantom through `spec` (:data:`SPEC`: as curation stores it) -> (uint8 [C, S, P, L] array, its
+    label array on the same grid)."""
+    prepared = spec.apply(_sitk(p.hu, p.spacing), _sitk(p.labels, p.spacing), name=f"{p.region} phantom")
     assert prepared.labels is not None
     return prepared.array, prepared.labels
 
