@@ -17,8 +17,8 @@ benchmark (`bench/synth3d.tsv`, held-out phantoms). Two probes, each against the
   anatomy, so the lesion is all that tells the two apart), regions in turn, and 60 held-out pairs drawn
   the same way from another seed (accuracy exactly 50% while the tower gives a pair's two volumes one
   answer). `--windows` swaps the card's three CT windows (abdomen,lung,brain: the brain window, 80 HU
-  wide, shows the phantom lesions at up to 50-170 of 255 grey levels where the bone window shows
-  3-38); `--large-only` draws every lesion at the large grade (40-46 mm); `--every` logs the held-out
+  wide, shows abdominal and head lesions at up to 50-170 of 255 grey levels where the bone window
+  shows 3-11); `--large-only` draws every lesion at the large grade (40-46 mm); `--every` logs the held-out
   accuracy along the way. `--square K` is the control that shows the probe can learn a local finding:
   the pairs without any lesion, one of each with a bright K x K pixel square (+1.5 after normalisation,
   every channel) at a random place on one slab.
@@ -175,13 +175,12 @@ def paired_pixels(
     if large_only:  # lesion_draw reads the table when called
         phantom.DRAW_DIAMETER_MM = (draw[-1],) * len(draw)
     try:
-        arrays = [
-            prepare(phantom.case_phantom(REGIONS[i % len(REGIONS)], lesion and not square, (seed, i)), spec)[
-                0
-            ]
+        cases = [
+            (REGIONS[i % len(REGIONS)], lesion and not square, (seed, i))
             for i in range(n)
             for lesion in (True, False)
         ]
+        arrays = [prepare(phantom.case_phantom(*case), spec)[0] for case in cases]
     finally:
         phantom.DRAW_DIAMETER_MM = draw
     slabs = [[im.convert("RGB") for im in volume_slabs(a, cfg.num_frames)] for a in arrays]
