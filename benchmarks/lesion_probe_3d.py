@@ -38,13 +38,17 @@ import numpy as np
 import torch
 
 
-def volume_pixels(paths: list[Path], size: int, frames: int) -> torch.Tensor:
+def array_pixels(arrays: list[np.ndarray], size: int, frames: int) -> torch.Tensor:
+    """Stored uint8 [C, S, P, L] volumes -> the native tower's pixels, as the model's processor makes them."""
     from medvl.imaging import volume_slabs
     from medvl.model.build import volume_image_processor
 
-    processor = volume_image_processor(size)
-    slabs = [[im.convert("RGB") for im in volume_slabs(np.load(p), frames)] for p in paths]
-    return processor(slabs, return_tensors="pt")["pixel_values"]
+    slabs = [[im.convert("RGB") for im in volume_slabs(a, frames)] for a in arrays]
+    return volume_image_processor(size)(slabs, return_tensors="pt")["pixel_values"]
+
+
+def volume_pixels(paths: list[Path], size: int, frames: int) -> torch.Tensor:
+    return array_pixels([np.load(p) for p in paths], size, frames)
 
 
 def pooled(tower, pixels: torch.Tensor) -> torch.Tensor:
@@ -164,27 +168,21 @@ def paired_pixels(
     n: int, seed: int, windows: tuple[str, ...] | None, large_only: bool, cfg, square: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`n` counterfactual pairs (module docstring) as the tower's pixels, and their labels."""
-    from medvl.imaging import volume_slabs
-    from medvl.model.build import volume_image_processor
-    from medvl.synth import phantom
-    from medvl.synth.benchmark3d import BENCH_SEED, REGIONS, SPEC, prepare
+    from medvl.synth.benchmark3d import REGIONS, SPEC, check_training_seed, prepare
+    from medvl.synth.phantom import DRAW_DIAMETER_MM, case_phantom
 
-    assert seed != BENCH_SEED, "the benchmark's phantoms"
+    check_training_seed(seed)
     spec = SPEC.model_copy(update={"windows": windows}) if windows else SPEC
-    draw = phantom.DRAW_DIAMETER_MM
-    if large_only:  # lesion_draw reads the table when called
-        phantom.DRAW_DIAMETER_MM = (draw[-1],) * len(draw)
-    try:
-        cases = [
-            (REGIONS[i % len(REGIONS)], lesion and not square, (seed, i))
-            for i in range(n)
-            for lesion in (True, False)
-        ]
-        arrays = [prepare(phantom.case_phantom(*case), spec)[0] for case in cases]
-    finally:
-        phantom.DRAW_DIAMETER_MM = draw
-    slabs = [[im.convert("RGB") for im in volume_slabs(a, cfg.num_frames)] for a in arrays]
-    x = volume_image_processor(cfg.image_size)(slabs, return_tensors="pt")["pixel_values"]
+    sizes = (DRAW_DIAMETER_MM[-1],) * len(DRAW_DIAMETER_MM) if large_only else DRAW_DIAMETER_MM
+    arrays = [
+        prepare(
+            case_phantom(REGIONS[i % len(REGIONS)], lesion and not square, (seed, i), diameters_mm=sizes),
+            spec,
+        )[0]
+        for i in range(n)
+        for lesion in (True, False)
+    ]
+    x = array_pixels(arrays, cfg.image_size, cfg.num_frames)
     if square:
         g = torch.Generator().manual_seed(seed)
         side = cfg.image_size

@@ -244,11 +244,10 @@ def prepare_data_3d(out: Path, size: str = "default", seed: int = 0, log=print) 
     from medvl.data.mix import mix
     from medvl.generate.pipeline import generate
     from medvl.generate.template import TemplateBackend
-    from medvl.synth.benchmark3d import BENCH_SEED, build_synth3d
+    from medvl.synth.benchmark3d import BENCH_SEED, build_synth3d, check_training_seed
     from medvl.synth.volumes import write_phantoms
 
-    if seed == BENCH_SEED:  # case i of both would be the same phantom: the benchmark in training
-        raise ValueError(f"seed {seed} draws the synthetic 3D benchmark's phantoms; use another seed")
+    check_training_seed(seed)
     sz = SIZES_3D[size]
     out = Path(out)
     phantoms = out / "data" / "phantoms"
@@ -267,7 +266,7 @@ def prepare_data_3d(out: Path, size: str = "default", seed: int = 0, log=print) 
     for name in MIXES:
         m = mix(CONFIG_3D / f"mix_{name}.yaml", out / "mix", base_dir=out)
         log(f"  {name}: {m['total']} samples")
-    log("  the benchmark: the synthetic 3D multiple-choice set on held-out phantoms (seed 1000)")
+    log(f"  the benchmark: the synthetic 3D multiple-choice set on held-out phantoms (seed {BENCH_SEED})")
     bench = build_synth3d(out / "bench", n=sz["n_bench"])
     return {"bench_tsv": bench, **{name: out / "mix" / f"mix_{name}.json" for name in MIXES}}
 
@@ -460,10 +459,13 @@ def quickstart(
         out = Path("runs/quickstart-3d")
     if route not in ROUTES_3D:
         raise typer.BadParameter(f"route must be one of {', '.join(ROUTES_3D)}")
-    from medvl.synth.benchmark3d import BENCH_SEED
+    if three_d:  # prepare_data_3d checks it too; here as a usage error before anything runs
+        from medvl.synth.benchmark3d import check_training_seed
 
-    if three_d and seed == BENCH_SEED:  # prepare_data_3d refuses it too; here as a one-line usage error
-        raise typer.BadParameter(f"seed {seed} draws the synthetic 3D benchmark's phantoms; use another seed")
+        try:
+            check_training_seed(seed)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
     report = run_quickstart_3d(out, size, seed, route=route) if three_d else run_quickstart(out, size, seed)
     typer.echo((out / "report.md").read_text())
     typer.echo(f"Report: {out / 'report.md'}  (JSON: {out / 'report.json'}, plot: {out / 'loss_curves.png'})")

@@ -332,14 +332,13 @@ def test_a_model_reads_volume_questions_with_its_own_spec_and_budget(
 def test_the_lesion_probes_pairs_differ_by_their_lesion_or_by_the_square_alone():
     """benchmarks/lesion_probe_3d.py --paired: each pair is one phantom with and without its lesion, and
     under --square the same lesion-free volume twice, the first with a K x K square (+1.5) on one slab;
-    --large-only leaves the phantom module's lesion sizes as they were."""
+    --large-only draws the same lesions at the large grade's diameter, so they change more pixels."""
     import importlib.util
 
     import torch
     from transformers import AutoConfig
 
     from medvl.model.build import load_preset
-    from medvl.synth import phantom
 
     spec = importlib.util.spec_from_file_location(
         "lesion_probe_3d", REPO / "benchmarks" / "lesion_probe_3d.py"
@@ -347,9 +346,12 @@ def test_the_lesion_probes_pairs_differ_by_their_lesion_or_by_the_square_alone()
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
     cfg = AutoConfig.for_model(**load_preset("tiny-3d").vision_config)
-    sizes = phantom.DRAW_DIAMETER_MM
     x, y = probe.paired_pixels(3, 1, None, True, cfg)
-    assert sizes == phantom.DRAW_DIAMETER_MM
+    graded, _ = probe.paired_pixels(3, 1, None, False, cfg)
+    changed_large = [int((x[i] != x[i + 1]).sum()) for i in range(0, 6, 2)]
+    changed_graded = [int((graded[i] != graded[i + 1]).sum()) for i in range(0, 6, 2)]
+    assert all(a >= b for a, b in zip(changed_large, changed_graded, strict=True))
+    assert changed_large != changed_graded  # not every lesion of seed 1 is drawn large anyway
     assert y.tolist() == [1.0, 0.0] * 3 and x.shape == (6, cfg.num_frames, 3, cfg.image_size, cfg.image_size)
     assert all(not torch.equal(x[i], x[i + 1]) for i in range(0, 6, 2))
     k = 8

@@ -73,6 +73,14 @@ QUESTIONS = {
 # The benchmark's phantoms are cases (BENCH_SEED, i); training phantoms (medvl.synth.volumes) are cases
 # (seed, i) of another seed, so a training seed must not be this one.
 BENCH_SEED = 1000
+
+
+def check_training_seed(seed: int) -> None:
+    """ValueError for the benchmark's seed: training case i of it would be benchmark case i."""
+    if seed == BENCH_SEED:
+        raise ValueError(f"seed {seed} draws the synthetic 3D benchmark's phantoms; use another seed")
+
+
 COLUMNS = ("index", "image", "question", "A", "B", "C", "D", "answer", "category", "case", "evidence")
 
 

@@ -222,7 +222,9 @@ DRAW_DIAMETER_MM = ((14.0, 18.0), (26.0, 31.0), (40.0, 46.0))
 _HOST = {"chest": 1, "abdomen": 4, "head": 8}
 
 
-def lesion_draw(p: Phantom, rng: np.random.Generator) -> dict:
+def lesion_draw(
+    p: Phantom, rng: np.random.Generator, diameters_mm: tuple[tuple[float, float], ...] = DRAW_DIAMETER_MM
+) -> dict:
     """Where and how large a lesion goes in the lesion-free phantom `p` (keyword arguments of
     :func:`make_phantom`): a third of the slices, a side and a size grade drawn evenly, so that every
     answer the 3D questions ask about (medvl.volume_facts) occurs in training and benchmark phantoms
@@ -242,19 +244,24 @@ def lesion_draw(p: Phantom, rng: np.random.Generator) -> dict:
         pick = np.arange(len(xs))
     k = int(rng.choice(pick))
     fov_mm = p.spacing[2] * w  # the radius is a fraction of the in-plane field of view
-    radius = float(rng.uniform(*DRAW_DIAMETER_MM[grade])) / 2 / fov_mm
+    radius = float(rng.uniform(*diameters_mm[grade])) / 2 / fov_mm
     kind = str(rng.choice(sorted(LESION_KINDS[p.region])))
     centre = (z, (ys[k] + 0.5) / h, (xs[k] + 0.5) / w)
     return dict(lesion_kind=kind, lesion_center=centre, lesion_radius=radius)
 
 
 def case_phantom(
-    region: str, lesion: bool, seed: tuple[int, ...], shape: tuple[int, int, int] = (32, 128, 128)
+    region: str,
+    lesion: bool,
+    seed: tuple[int, ...],
+    shape: tuple[int, int, int] = (32, 128, 128),
+    diameters_mm: tuple[tuple[float, float], ...] = DRAW_DIAMETER_MM,
 ) -> Phantom:
     """One synthetic 3D case, reproducible from `seed`: the anatomy drawn from it, and with `lesion` the
-    same anatomy again with a lesion placed by :func:`lesion_draw` (from `(*seed, 1)`)."""
+    same anatomy again with a lesion placed by :func:`lesion_draw` (from `(*seed, 1)`, its size grade's
+    diameter from `diameters_mm`)."""
     p = make_phantom(region, shape, np.random.default_rng(seed), lesion=False)
     if lesion:
-        draw = lesion_draw(p, np.random.default_rng([*seed, 1]))
+        draw = lesion_draw(p, np.random.default_rng([*seed, 1]), diameters_mm)
         p = make_phantom(region, shape, np.random.default_rng(seed), lesion=True, **draw)
     return p
